@@ -1,0 +1,1 @@
+"""The SovereignStack gateway: an OpenAI-compatible API behind OIDC, policy, lock and audit."""

@@ -1,0 +1,79 @@
+"""The gateway's configuration, as written by `sovereign render` (renderer `gateway`).
+
+Takes the rendered JSON file; gives a strict, frozen `GatewayConfig`. Unknown keys are
+refused so a config rendered by a newer toolkit fails loudly rather than half-applies.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SCHEMA_VERSION: Literal[1] = 1
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+
+class Listen(_Strict):
+    host: str = Field(min_length=1)
+    port: int = Field(ge=1, le=65535)
+
+
+class OIDC(_Strict):
+    issuer: str = Field(min_length=1)
+    audience: str = Field(min_length=1)
+    realm: str = Field(min_length=1)
+    algorithms: list[Literal["RS256", "ES256", "EdDSA"]] = Field(min_length=1)
+    clock_skew_seconds: int = Field(ge=0, le=300)
+
+
+class PolicyEngine(_Strict):
+    opa_url: str = Field(min_length=1)
+    decision: str = Field(min_length=1, description="the OPA rule path asked for each request")
+    dlp: Literal["block", "redact", "log"]
+    timeout_seconds: float = Field(gt=0, le=30)
+
+
+class ModelRoute(_Strict):
+    name: str
+    aliases: list[str]
+    engine: Literal["vllm", "llamacpp", "upstream"]
+    source: str
+    sha256: str | None
+    quantization: Literal["int4", "awq", "fp8", "none"]
+    context_length: int = Field(gt=0)
+    allowed_roles: list[str] = Field(min_length=1)
+
+
+class MemoryStore(_Strict):
+    vector_store: Literal["embedded", "qdrant"]
+    qdrant_url: str | None
+    key_source: Literal["tpm", "passphrase", "file"]
+    data_dir: str
+
+
+class AuditLog(_Strict):
+    path: str
+    checkpoint_interval_seconds: int = Field(gt=0)
+    retention_seconds: int = Field(gt=0)
+
+
+class GatewayConfig(_Strict):
+    schema_version: Literal[1]
+    profile: str
+    kind: Literal["personal", "edge", "air-gapped", "datacenter"]
+    listen: Listen
+    oidc: OIDC
+    roles: dict[str, list[str]]
+    policy: PolicyEngine
+    models: list[ModelRoute] = Field(min_length=1)
+    memory: MemoryStore
+    audit: AuditLog
+
+
+def load_config(path: Path) -> GatewayConfig:
+    return GatewayConfig.model_validate_json(path.read_bytes())

@@ -1,0 +1,207 @@
+"""`sovereign up [PROFILE]`: render a single-node profile and run what it describes.
+
+Takes a profile (the embedded personal default when none is given); renders it into
+the state directory, starts OPA and the gateway on loopback, and waits for `/health`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import urlsplit
+
+import typer
+from rich.table import Table
+
+from sovereign import tools
+from sovereign.cli import app
+from sovereign.cli.output import EXIT_BAD_INPUT, EXIT_FAILED, console, errors
+from sovereign.cli.profile import load_or_exit
+from sovereign.profile.model import Profile
+from sovereign.profile.types import split_host_port
+from sovereign.render import RenderError, render_to
+
+READY_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 15.0
+
+
+def default_state_dir() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(os.environ.get("SOVEREIGN_STATE_DIR", Path(base) / "sovereign"))
+
+
+def _start(command: list[str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as sink:
+        return subprocess.Popen(
+            command, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def _health(url: str) -> tuple[int, dict[str, Any]] | None:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.load(exc)
+    except (OSError, ValueError):
+        return None
+
+
+def _wait_for_health(
+    url: str, processes: dict[str, subprocess.Popen[bytes]]
+) -> tuple[int, dict[str, Any]] | None:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    answer = None
+    while time.monotonic() < deadline:
+        for name, process in processes.items():
+            if process.poll() is not None:
+                errors.print(f"error: {name} exited with code {process.returncode}", markup=False)
+                return answer
+        answer = _health(url)
+        if answer is not None and answer[0] == 200:
+            return answer
+        time.sleep(0.5)
+    return answer
+
+
+def _prepare_local_dirs(profile: Profile) -> None:
+    for directory in (profile.audit.path, profile.memory.data_dir):
+        try:
+            Path(directory).mkdir(parents=True, exist_ok=True, mode=0o700)
+        except PermissionError:
+            errors.print(
+                f"warning: cannot create {directory}; the gateway will report it not ready",
+                markup=False,
+            )
+
+
+def _opa_command(profile: Profile) -> list[str] | None:
+    url = urlsplit(str(profile.policy.opa_url))
+    if url.hostname not in ("127.0.0.1", "localhost"):
+        return None
+    command = [
+        str(tools.opa_binary()),
+        "run",
+        "--server",
+        "--addr",
+        f"{url.hostname}:{url.port or 8181}",
+        "--log-level",
+        "error",
+    ]
+    bundle = Path(profile.policy.bundle)
+    if bundle.exists():
+        command.append(str(bundle))
+    else:
+        errors.print(
+            f"warning: policy bundle {bundle} not found; OPA starts with no policy, "
+            "so every decision is undefined and the gateway refuses",
+            markup=False,
+        )
+    return command
+
+
+@app.command()
+def up(
+    file: Annotated[
+        Path | None, typer.Argument(help="profile file; the embedded personal default if left out")
+    ] = None,
+    state_dir: Annotated[
+        Path | None,
+        typer.Option(help="where renders and logs go [default: ~/.local/state/sovereign]"),
+    ] = None,
+    check: Annotated[
+        bool, typer.Option("--check", help="stop once everything is ready; exit 0 if it was")
+    ] = False,
+) -> None:
+    """Render the profile and run its node: OPA and the gateway, on this machine."""
+    profile = load_or_exit(file)
+    if profile.kind == "datacenter":
+        errors.print(
+            "error: kind datacenter runs on Kubernetes; deploy it with `pulumi up`", markup=False
+        )
+        raise typer.Exit(EXIT_BAD_INPUT)
+    root = (state_dir or default_state_dir()) / profile.name
+    render_dir = root / "render"
+    try:
+        render_to(profile, render_dir)
+    except RenderError as error:
+        errors.print(f"error: {error}", markup=False)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    console.print(f"rendered {profile.kind} profile [bold]{profile.name}[/bold] into {render_dir}")
+    _prepare_local_dirs(profile)
+    log_dir = root / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+
+    try:
+        opa_command = _opa_command(profile)
+    except tools.ToolMissing as missing:
+        errors.print(f"error: {missing}", markup=False)
+        raise typer.Exit(EXIT_FAILED) from None
+    gateway_command = [
+        sys.executable,
+        "-m",
+        "sovereign_gateway",
+        "--config",
+        str(render_dir / "gateway" / "config.json"),
+    ]
+    host, port = split_host_port(profile.gateway.listen)
+    health_url = f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}/health"  # noqa: S104
+
+    with ExitStack() as stack:
+        processes: dict[str, subprocess.Popen[bytes]] = {}
+        if opa_command is not None:
+            processes["opa"] = _start(opa_command, log_dir / "opa.log")
+            stack.callback(_stop, processes["opa"])
+        processes["gateway"] = _start(gateway_command, log_dir / "gateway.log")
+        stack.callback(_stop, processes["gateway"])
+
+        answer = _wait_for_health(health_url, processes)
+        _print_health(health_url, answer, log_dir)
+        ready = answer is not None and answer[0] == 200
+        if check or not ready:
+            raise typer.Exit(0 if ready else EXIT_FAILED)
+        console.print("node is up; press Ctrl-C to stop it")
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        try:
+            while all(process.poll() is None for process in processes.values()):
+                time.sleep(1)
+        except KeyboardInterrupt:
+            pass
+        console.print("stopping")
+
+
+def _print_health(url: str, answer: tuple[int, dict[str, Any]] | None, log_dir: Path) -> None:
+    if answer is None:
+        errors.print(f"error: no answer from {url}; logs are in {log_dir}", markup=False)
+        return
+    status, body = answer
+    table = Table(title=f"{url} → HTTP {status}")
+    table.add_column("component")
+    table.add_column("ready")
+    table.add_column("detail")
+    for name, component in body.get("components", {}).items():
+        mark = "[green]yes[/green]" if component.get("ready") else "[red]no[/red]"
+        table.add_row(name, mark, str(component.get("detail", "")))
+    console.print(table)
+    if status != 200:
+        errors.print(f"error: the node is not ready; logs are in {log_dir}", markup=False)

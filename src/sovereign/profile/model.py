@@ -1,0 +1,224 @@
+"""The node profile: one typed, strict model that every renderer reads.
+
+Input is a mapping (from YAML); the kind's defaults are merged under it before
+validation, so a validated `Profile` is fully resolved. Cross-field rules live in `rules`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, model_validator
+from pydantic_core import PydanticCustomError
+
+from sovereign.profile import defaults
+from sovereign.profile.types import (
+    AbsolutePath,
+    Arch,
+    Cidr,
+    Destination,
+    DlpMode,
+    DnsLabel,
+    Duration,
+    Engine,
+    Gpu,
+    HostOS,
+    HostPort,
+    InterfaceCidr,
+    KeySource,
+    Kind,
+    MirrorKind,
+    NodeRole,
+    Permission,
+    Protocol,
+    Quantization,
+    SandboxRuntime,
+    Sha256,
+    TpmPolicy,
+    VectorStore,
+    WireGuardKey,
+)
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+
+class Node(StrictModel):
+    """One machine of the deployment."""
+
+    name: DnsLabel
+    role: NodeRole = "standalone"
+    arch: Arch = "amd64"
+    gpu: Gpu = "none"
+    tpm: TpmPolicy = "optional"
+
+
+class Host(StrictModel):
+    os: HostOS = Field(description="the host operating system the image is built from")
+
+
+class MeshPeer(StrictModel):
+    name: DnsLabel
+    public_key: WireGuardKey
+    endpoint: HostPort | None = Field(
+        default=None, description="host:port the peer listens on; unset for roaming peers"
+    )
+    allowed_ips: list[Cidr] = Field(min_length=1)
+    persistent_keepalive: int | None = Field(default=None, ge=1, le=65535)
+
+
+class Mesh(StrictModel):
+    """The WireGuard mesh between the nodes of a deployment and its federation peers."""
+
+    enabled: bool
+    interface: str = Field(default="wg0", pattern=r"^[a-z][a-z0-9]{0,14}$")
+    listen_port: int = Field(default=51820, ge=1, le=65535)
+    address: InterfaceCidr | None = Field(
+        default=None, description="this node's mesh address with the mesh prefix length"
+    )
+    peers: list[MeshPeer] = Field(default_factory=list)
+
+
+class EgressRule(StrictModel):
+    to: Destination
+    protocol: Protocol = "tcp"
+    description: str = Field(min_length=1)
+
+
+class Egress(StrictModel):
+    """Outbound traffic: everything is dropped except the explicit allowlist."""
+
+    default: Literal["deny"] = Field(
+        description="always deny; allowed destinations are listed one by one in `allow`"
+    )
+    allow: list[EgressRule] = Field(default_factory=list)
+
+
+class Network(StrictModel):
+    mesh: Mesh
+    egress: Egress
+    admin_networks: list[Cidr] = Field(
+        description="networks inbound ssh is accepted from", min_length=1
+    )
+
+
+class Mirror(StrictModel):
+    """A local mirror the node installs from; air-gapped nodes reach nothing else."""
+
+    kind: MirrorKind
+    url: HttpUrl
+
+
+class Identity(StrictModel):
+    """The OIDC provider (Keycloak) that issues the tokens the gateway accepts."""
+
+    issuer: HttpUrl = Field(description="the OIDC issuer, {keycloak}/realms/{realm}")
+    audience: str = Field(min_length=1, description="the `aud` the gateway requires")
+    realm: DnsLabel
+    roles: dict[DnsLabel, list[Permission]] = Field(
+        min_length=1, description="what each realm role may do at the gateway"
+    )
+
+
+class ModelSpec(StrictModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+    aliases: list[str] = Field(default_factory=list)
+    engine: Engine
+    source: str = Field(
+        min_length=1,
+        description=(
+            "pkg:<tool>/<file> (installed by `sovereign tools install`), bundle:<path> "
+            "(inside an imported bundle), file:/<path>, hf:<org>/<repo>@<commit>/<file>, "
+            "or for the upstream engine the OpenAI-compatible base URL"
+        ),
+    )
+    sha256: Sha256 | None = None
+    quantization: Quantization = "none"
+    context_length: int = Field(ge=256, le=1_048_576)
+    allowed_roles: list[DnsLabel] = Field(min_length=1)
+
+
+class Memory(StrictModel):
+    vector_store: VectorStore
+    qdrant_url: HttpUrl | None = Field(default=None, description="required for qdrant")
+    key_source: KeySource
+    key_file: AbsolutePath | None = Field(default=None, description="required for key_source file")
+    tpm_pcrs: list[int] = Field(
+        default_factory=lambda: [7], description="PCRs the TPM-sealed key is bound to"
+    )
+    data_dir: AbsolutePath
+
+
+class Policy(StrictModel):
+    bundle: str = Field(min_length=1, description="the Rego bundle directory or archive")
+    opa_url: HttpUrl = Field(description="where the gateway asks OPA for decisions")
+    dlp: DlpMode
+
+
+class Audit(StrictModel):
+    path: AbsolutePath
+    checkpoint_interval: Duration
+    retention: Duration
+
+
+class Sandbox(StrictModel):
+    runtime: SandboxRuntime
+
+
+class Gateway(StrictModel):
+    listen: HostPort
+
+
+class FederationPeer(StrictModel):
+    name: DnsLabel
+    url: HttpUrl
+    public_key: str = Field(
+        pattern=r"^[A-Za-z0-9_-]{43}$", description="Ed25519 public key, base64url, no padding"
+    )
+
+
+class Federation(StrictModel):
+    peers: list[FederationPeer] = Field(default_factory=list)
+
+
+class Profile(StrictModel):
+    """A SovereignStack node profile, resolved with the defaults of its kind."""
+
+    model_config = ConfigDict(title="SovereignStack node profile")
+
+    version: Literal[1] = 1
+    kind: Kind
+    name: DnsLabel
+    nodes: list[Node] = Field(min_length=1)
+    host: Host
+    network: Network
+    mirrors: list[Mirror] = Field(default_factory=list)
+    identity: Identity
+    models: list[ModelSpec] = Field(min_length=1)
+    memory: Memory
+    policy: Policy
+    audit: Audit
+    sandbox: Sandbox
+    gateway: Gateway
+    federation: Federation
+
+    @model_validator(mode="before")
+    @classmethod
+    def _merge_kind_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("kind") in defaults.KINDS:
+            return defaults.merge(defaults.for_kind(data["kind"]), data)
+        return data
+
+    @model_validator(mode="after")
+    def _check_rules(self) -> Profile:
+        from sovereign.profile.rules import violations
+
+        found = violations(self)
+        if found:
+            raise PydanticCustomError(
+                "profile_rule",
+                "{summary}",
+                {"summary": "; ".join(v.message for v in found), "violations": tuple(found)},
+            )
+        return self

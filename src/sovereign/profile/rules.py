@@ -1,0 +1,293 @@
+"""Cross-field rules of a node profile.
+
+Takes a field-valid `Profile`; gives every rule it breaks as a `Violation` whose `loc`
+points at the field to change, so errors name a line in the user's file.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, NamedTuple
+from urllib.parse import urlsplit
+
+from sovereign.profile.types import duration_seconds, is_cidr, split_host_port
+
+if TYPE_CHECKING:
+    from pydantic import HttpUrl
+
+    from sovereign.profile.model import Profile
+
+Loc = tuple[str | int, ...]
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+ARTIFACT_SCHEMES = ("pkg", "bundle", "file", "hf")
+# Kinds whose data and compute must be locked down: no unsandboxed compute, no log-only DLP.
+LOCKED_DOWN_KINDS = ("air-gapped", "datacenter")
+
+
+class Violation(NamedTuple):
+    loc: Loc
+    message: str
+
+
+def violations(profile: Profile) -> list[Violation]:
+    checks = (
+        _nodes,
+        _models,
+        _keys,
+        _memory_backends,
+        _identity,
+        _mesh,
+        _air_gapped_egress,
+        _locked_down,
+        _audit,
+        _federation,
+    )
+    return [violation for check in checks for violation in check(profile)]
+
+
+def _duplicates(names: list[str]) -> Iterator[int]:
+    seen: set[str] = set()
+    for index, name in enumerate(names):
+        if name in seen:
+            yield index
+        seen.add(name)
+
+
+def _nodes(profile: Profile) -> Iterator[Violation]:
+    names = [node.name for node in profile.nodes]
+    for index in _duplicates(names):
+        yield Violation(("nodes", index, "name"), f"node name {names[index]!r} is used twice")
+    if profile.kind == "personal" and len(profile.nodes) != 1:
+        yield Violation(
+            ("nodes",), f"a personal profile has exactly one node, found {len(profile.nodes)}"
+        )
+    for index, node in enumerate(profile.nodes):
+        if node.gpu == "apple" and node.arch != "arm64":
+            yield Violation(("nodes", index, "gpu"), "an apple GPU needs arch arm64")
+
+
+def _models(profile: Profile) -> Iterator[Violation]:
+    seen: dict[str, str] = {}
+    nvidia_nodes = [node.name for node in profile.nodes if node.gpu == "nvidia"]
+    for index, model in enumerate(profile.models):
+        labelled: list[tuple[Loc, str]] = [(("models", index, "name"), model.name)]
+        labelled += [
+            (("models", index, "aliases", position), alias)
+            for position, alias in enumerate(model.aliases)
+        ]
+        for loc, label in labelled:
+            if label in seen:
+                yield Violation(
+                    loc, f"{label!r} is already the name or an alias of model {seen[label]!r}"
+                )
+            else:
+                seen[label] = model.name
+
+        if model.engine == "vllm" and not nvidia_nodes:
+            yield Violation(
+                ("models", index, "engine"),
+                f"model {model.name!r} uses vllm, which needs a node with gpu: nvidia; "
+                "no node has one",
+            )
+        if model.engine == "llamacpp" and model.quantization in ("awq", "fp8"):
+            yield Violation(
+                ("models", index, "quantization"),
+                f"llama.cpp cannot load {model.quantization} weights; use int4 (GGUF) or none",
+            )
+        scheme = model.source.partition(":")[0]
+        if model.engine == "upstream" and scheme not in ("http", "https"):
+            yield Violation(
+                ("models", index, "source"),
+                "an upstream model's source is the OpenAI-compatible base URL (http or https)",
+            )
+        if model.engine != "upstream" and scheme not in ARTIFACT_SCHEMES:
+            yield Violation(
+                ("models", index, "source"),
+                f"expected a weights URI with scheme {', '.join(ARTIFACT_SCHEMES)}; "
+                f"got {model.source!r}",
+            )
+        if profile.kind in LOCKED_DOWN_KINDS and model.sha256 is None:
+            yield Violation(
+                ("models", index, "sha256"),
+                f"kind {profile.kind} requires the sha256 of every model's weights",
+            )
+        for position, role in enumerate(model.allowed_roles):
+            if role not in profile.identity.roles:
+                yield Violation(
+                    ("models", index, "allowed_roles", position),
+                    f"role {role!r} is not defined in identity.roles "
+                    f"({', '.join(sorted(profile.identity.roles))})",
+                )
+
+
+def _keys(profile: Profile) -> Iterator[Violation]:
+    required = [node.name for node in profile.nodes if node.tpm == "required"]
+    if required and profile.memory.key_source != "tpm":
+        yield Violation(
+            ("memory", "key_source"),
+            f"node {required[0]!r} requires a TPM, so the key source must be tpm, "
+            f"not {profile.memory.key_source}",
+        )
+    if profile.memory.key_source == "tpm":
+        for index, node in enumerate(profile.nodes):
+            if node.tpm == "none":
+                yield Violation(
+                    ("nodes", index, "tpm"),
+                    f"memory.key_source is tpm but node {node.name!r} has no TPM",
+                )
+    for position, pcr in enumerate(profile.memory.tpm_pcrs):
+        if not 0 <= pcr <= 23:
+            yield Violation(("memory", "tpm_pcrs", position), f"PCR {pcr} is not in 0..23")
+    if len(set(profile.memory.tpm_pcrs)) != len(profile.memory.tpm_pcrs):
+        yield Violation(("memory", "tpm_pcrs"), "a PCR is listed twice")
+
+
+def _memory_backends(profile: Profile) -> Iterator[Violation]:
+    memory = profile.memory
+    if memory.vector_store == "qdrant" and memory.qdrant_url is None:
+        yield Violation(("memory", "qdrant_url"), "vector_store qdrant needs qdrant_url")
+    if memory.vector_store == "embedded" and memory.qdrant_url is not None:
+        yield Violation(
+            ("memory", "qdrant_url"), "qdrant_url is only used with vector_store qdrant"
+        )
+    if memory.key_source == "file" and memory.key_file is None:
+        yield Violation(("memory", "key_file"), "key_source file needs key_file")
+    if memory.key_source != "file" and memory.key_file is not None:
+        yield Violation(("memory", "key_file"), "key_file is only used with key_source file")
+
+
+def _is_loopback(url: HttpUrl) -> bool:
+    try:
+        return ipaddress.ip_address(url.host or "").is_loopback
+    except ValueError:
+        return url.host == "localhost"
+
+
+def _identity(profile: Profile) -> Iterator[Violation]:
+    issuer = profile.identity.issuer
+    expected_suffix = f"/realms/{profile.identity.realm}"
+    if not (issuer.path or "").rstrip("/").endswith(expected_suffix):
+        yield Violation(
+            ("identity", "issuer"),
+            f"a Keycloak issuer ends in {expected_suffix} for realm "
+            f"{profile.identity.realm!r}; got {str(issuer)!r}",
+        )
+    if issuer.scheme != "https" and not _is_loopback(issuer):
+        yield Violation(
+            ("identity", "issuer"), "the issuer must use https unless it is on loopback"
+        )
+
+
+def _mesh(profile: Profile) -> Iterator[Violation]:
+    mesh = profile.network.mesh
+    if mesh.enabled and mesh.address is None:
+        yield Violation(("network", "mesh", "address"), "an enabled mesh needs this node's address")
+    if not mesh.enabled and mesh.peers:
+        yield Violation(("network", "mesh", "peers"), "peers are listed but the mesh is disabled")
+    names = [peer.name for peer in mesh.peers]
+    for index in _duplicates(names):
+        yield Violation(
+            ("network", "mesh", "peers", index, "name"), f"peer {names[index]!r} is listed twice"
+        )
+    keys = [peer.public_key for peer in mesh.peers]
+    for index in _duplicates(keys):
+        yield Violation(
+            ("network", "mesh", "peers", index, "public_key"), "two peers share this public key"
+        )
+
+
+def mesh_networks(profile: Profile) -> list[IPNetwork]:
+    mesh = profile.network.mesh
+    if not mesh.enabled:
+        return []
+    networks: list[IPNetwork] = []
+    if mesh.address is not None:
+        networks.append(ipaddress.ip_interface(mesh.address).network)
+    networks += [ipaddress.ip_network(ip) for peer in mesh.peers for ip in peer.allowed_ips]
+    return networks
+
+
+def mirror_endpoints(profile: Profile) -> set[tuple[str, int]]:
+    endpoints: set[tuple[str, int]] = set()
+    for mirror in profile.mirrors:
+        parts = urlsplit(str(mirror.url))
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        endpoints.add(((parts.hostname or "").lower(), port))
+    return endpoints
+
+
+def _in_networks(address: str, networks: list[IPNetwork]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip.version == net.version and ip in net for net in networks)
+
+
+def _air_gapped_egress(profile: Profile) -> Iterator[Violation]:
+    if profile.kind != "air-gapped":
+        return
+    networks = mesh_networks(profile)
+    mirrors = mirror_endpoints(profile)
+    peers = {
+        split_host_port(peer.endpoint)
+        for peer in profile.network.mesh.peers
+        if peer.endpoint is not None
+    }
+    allowed_text = (
+        f"the mesh ({', '.join(map(str, networks)) or 'disabled'}) and the local mirrors "
+        f"({', '.join(f'{h}:{p}' for h, p in sorted(mirrors)) or 'none declared'})"
+    )
+    for index, rule in enumerate(profile.network.egress.allow):
+        if is_cidr(rule.to):
+            net = ipaddress.ip_network(rule.to)
+            inside = any(
+                net.version == mesh.version and net.subnet_of(mesh)  # type: ignore[arg-type]
+                for mesh in networks
+            )
+        else:
+            host, port = split_host_port(rule.to)
+            inside = (
+                (host, port) in mirrors or (host, port) in peers or _in_networks(host, networks)
+            )
+        if not inside:
+            yield Violation(
+                ("network", "egress", "allow", index, "to"),
+                f"kind air-gapped allows egress only to {allowed_text}; {rule.to!r} is neither",
+            )
+
+
+def _locked_down(profile: Profile) -> Iterator[Violation]:
+    if profile.kind not in LOCKED_DOWN_KINDS:
+        return
+    if profile.sandbox.runtime == "runc":
+        yield Violation(
+            ("sandbox", "runtime"),
+            f"kind {profile.kind} runs compute sandboxed: use gvisor or kata, not runc",
+        )
+    if profile.policy.dlp == "log":
+        yield Violation(
+            ("policy", "dlp"),
+            f"kind {profile.kind} must block or redact on a DLP match, not only log it",
+        )
+
+
+def _audit(profile: Profile) -> Iterator[Violation]:
+    audit = profile.audit
+    if duration_seconds(audit.retention) < duration_seconds(audit.checkpoint_interval):
+        yield Violation(
+            ("audit", "retention"),
+            f"retention {audit.retention} is shorter than the checkpoint interval "
+            f"{audit.checkpoint_interval}",
+        )
+
+
+def _federation(profile: Profile) -> Iterator[Violation]:
+    names = [peer.name for peer in profile.federation.peers]
+    for index in _duplicates(names):
+        yield Violation(
+            ("federation", "peers", index, "name"),
+            f"federation peer {names[index]!r} is listed twice",
+        )

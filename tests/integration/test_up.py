@@ -1,0 +1,87 @@
+"""`sovereign up --check` renders a personal profile and brings up real OPA and the gateway."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sovereign import tools
+
+ROOT = Path(__file__).resolve().parents[2]
+SOVEREIGN = Path(sys.executable).with_name("sovereign")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _profile(tmp_path: Path, opa_port: int, gateway_port: int) -> Path:
+    path = tmp_path / "node.yaml"
+    path.write_text(
+        "kind: personal\nname: up-test\n"
+        f"policy:\n  opa_url: http://127.0.0.1:{opa_port}\n"
+        f"gateway:\n  listen: 127.0.0.1:{gateway_port}\n"
+        f"audit:\n  path: {tmp_path}/audit\n"
+        f"memory:\n  data_dir: {tmp_path}/memory\n  key_file: {tmp_path}/keys/kek\n"
+    )
+    return path
+
+
+@pytest.mark.slow
+def test_up_check_starts_opa_and_the_gateway_and_reports_ready(tmp_path: Path) -> None:
+    tools.opa_binary()  # fails with "run `sovereign tools install opa`" when absent
+    profile = _profile(tmp_path, _free_port(), _free_port())
+    proc = subprocess.run(
+        [SOVEREIGN, "up", str(profile), "--state-dir", str(tmp_path / "state"), "--check"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=180,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "policy_engine" in proc.stdout
+    render = tmp_path / "state" / "up-test" / "render"
+    config = json.loads((render / "gateway" / "config.json").read_text())
+    assert config["profile"] == "up-test"
+    assert (tmp_path / "audit").is_dir()
+
+
+@pytest.mark.slow
+def test_up_check_fails_when_the_gateway_port_is_taken(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = int(busy.getsockname()[1])
+        profile = _profile(tmp_path, _free_port(), taken)
+        proc = subprocess.run(
+            [SOVEREIGN, "up", str(profile), "--state-dir", str(tmp_path / "state"), "--check"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=180,
+        )
+    assert proc.returncode == 1
+    assert "gateway exited" in proc.stderr or "not ready" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_up_refuses_a_datacenter_profile(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [SOVEREIGN, "up", str(ROOT / "profiles" / "datacenter.yaml"), "--state-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert "deploy it with `pulumi up`" in proc.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,111 @@
+"""`sovereign render`: the registry, the two renderers, and all-or-nothing writes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from sovereign_gateway.config import GatewayConfig
+from typer.testing import CliRunner
+
+from sovereign.cli import app
+from sovereign.profile.loader import load_profile
+from sovereign.render import MANIFEST, RenderError, registry, render_files, render_to
+
+ROOT = Path(__file__).resolve().parents[3]
+EXAMPLES = sorted((ROOT / "profiles").glob("*.yaml"))
+
+
+def test_registry_holds_the_resolved_profile_and_gateway_renderers() -> None:
+    assert set(registry()) == {"profile", "gateway"}
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_gateway_config_is_valid_for_the_gateway(path: Path) -> None:
+    profile = load_profile(path)
+    files = render_files(profile, ["gateway"])
+    config = GatewayConfig.model_validate_json(files["gateway/config.json"])
+    assert config.kind == profile.kind
+    assert config.oidc.issuer == str(profile.identity.issuer).rstrip("/")
+    assert set(config.oidc.algorithms) == {"RS256", "ES256", "EdDSA"}
+    assert [route.name for route in config.models] == [model.name for model in profile.models]
+    assert config.policy.dlp == profile.policy.dlp
+
+
+def test_gateway_config_converts_durations_to_seconds() -> None:
+    profile = load_profile(ROOT / "profiles" / "air-gapped.yaml")
+    config = GatewayConfig.model_validate_json(render_files(profile)["gateway/config.json"])
+    assert config.audit.checkpoint_interval_seconds == 60
+    assert config.audit.retention_seconds == 10 * 365 * 86400
+
+
+def test_render_writes_files_and_a_manifest_of_their_digests(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        app, ["render", str(ROOT / "profiles" / "personal.yaml"), "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert set(manifest["files"]) == {"profile.yaml", "gateway/config.json"}
+    assert load_profile(out / "profile.yaml") == load_profile(ROOT / "profiles" / "personal.yaml")
+
+
+def test_render_replaces_an_earlier_render_whole(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    profile = load_profile(ROOT / "profiles" / "edge.yaml")
+    render_to(profile, out)
+    (out / "stale.txt").write_text("left from an older toolkit")
+    render_to(profile, out, ["profile"])
+    assert sorted(p.name for p in out.iterdir()) == [MANIFEST, "profile.yaml"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"], "no staging or retired dirs remain"
+
+
+def test_render_refuses_a_directory_it_did_not_write(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("mine")
+    result = CliRunner().invoke(
+        app, ["render", str(ROOT / "profiles" / "personal.yaml"), "--out", str(tmp_path)]
+    )
+    assert result.exit_code == 2
+    assert "is not an earlier `sovereign render` output" in result.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def test_unknown_renderer_exits_2_and_writes_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        app,
+        ["render", str(ROOT / "profiles" / "personal.yaml"), "--out", str(out), "--only", "nix"],
+    )
+    assert result.exit_code == 2
+    assert "unknown renderer nix; available: profile, gateway" in result.stderr
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failing_renderer_leaves_the_earlier_render_untouched(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "out"
+    profile = load_profile(ROOT / "profiles" / "personal.yaml")
+    render_to(profile, out)
+    before = {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    def explode(_: Path, __: Path) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr("sovereign.render._swap_into_place", explode)
+    with pytest.raises(OSError, match="disk full"):
+        render_to(profile, out)
+    assert {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_renderer_paths_may_not_escape_the_output(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sovereign import render
+
+    profile = load_profile(ROOT / "profiles" / "personal.yaml")
+    evil = render.Renderer("evil", "writes outside", lambda _: {"../escape": b"x"})
+    monkeypatch.setattr(render, "registry", lambda: {"evil": evil})
+    with pytest.raises(RenderError, match="bad or duplicate path '../escape'"):
+        render_files(profile)
