@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import subprocess
 import sys
@@ -85,3 +86,35 @@ def test_up_refuses_a_datacenter_profile(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "deploy it with `pulumi up`" in proc.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def _answers(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.mark.slow
+def test_up_stops_opa_and_the_gateway_on_sigterm(tmp_path: Path) -> None:
+    opa_port, gateway_port = _free_port(), _free_port()
+    profile = _profile(tmp_path, opa_port, gateway_port)
+    with subprocess.Popen(
+        [SOVEREIGN, "up", str(profile), "--state-dir", str(tmp_path / "state")],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    ) as process:
+        try:
+            assert process.stdout is not None
+            for line in process.stdout:
+                if "node is up" in line:
+                    break
+            assert _answers(opa_port)
+            assert _answers(gateway_port)
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=60) == 0
+        finally:
+            if process.poll() is None:
+                process.kill()
+    assert not _answers(opa_port)
+    assert not _answers(gateway_port)

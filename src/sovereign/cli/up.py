@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -181,12 +182,14 @@ def up(
         if check or not ready:
             raise typer.Exit(0 if ready else EXIT_FAILED)
         console.print("node is up; press Ctrl-C to stop it")
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-        try:
-            while all(process.poll() is None for process in processes.values()):
-                time.sleep(1)
-        except KeyboardInterrupt:
-            pass
+        stop = threading.Event()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda *_: stop.set())
+        while not stop.wait(1):
+            exited = [name for name, p in processes.items() if p.poll() is not None]
+            if exited:
+                errors.print(f"error: {', '.join(exited)} exited; stopping", markup=False)
+                raise typer.Exit(EXIT_FAILED)
         console.print("stopping")
 
 

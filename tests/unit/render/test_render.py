@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -107,5 +108,5 @@ def test_renderer_paths_may_not_escape_the_output(monkeypatch: pytest.MonkeyPatc
     profile = load_profile(ROOT / "profiles" / "personal.yaml")
     evil = render.Renderer("evil", "writes outside", lambda _: {"../escape": b"x"})
     monkeypatch.setattr(render, "registry", lambda: {"evil": evil})
-    with pytest.raises(RenderError, match="bad or duplicate path '../escape'"):
+    with pytest.raises(RenderError, match=re.escape("bad or duplicate path '../escape'")):
         render_files(profile)
