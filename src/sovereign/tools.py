@@ -342,10 +342,10 @@ class CachedTool:
         target = self.path(root)
         # Checked before locking so a finished tool never waits behind another's long build.
         if self.is_installed(root):
-            return Outcome("present", str(target))
+            return Outcome("present", target.name)
         with locked(root, lambda: step("waiting for another install to finish")):
             if self.is_installed(root):
-                return Outcome("present", str(target))
+                return Outcome("present", target.name)
             self._clear_leftovers(root)
             staging = Path(tempfile.mkdtemp(prefix=f".{self.dirname}.partial-", dir=root))
             try:
@@ -367,7 +367,7 @@ class CachedTool:
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise
-        return Outcome("installed", str(target))
+        return Outcome("installed", target.name)
 
     def _clear_leftovers(self, root: Path) -> None:
         # Under the lock, any staging dir is from a killed run, and a target without a
@@ -380,27 +380,18 @@ class CachedTool:
 
     def inspect(self, root: Path) -> Finding:
         receipt = self.receipt(root)
-        if receipt is None:
-            return Finding(
-                self.name,
-                "component",
-                True,
-                False,
-                None,
-                self.version,
-                "not installed",
-                self.blocks,
-            )
-        found = self.probe(self.path(root)) if self.probe else None
+        found = None
+        if receipt is not None:
+            found = (self.probe(self.path(root)) if self.probe else None) or receipt.version
         return Finding(
-            self.name,
-            "component",
-            True,
-            True,
-            found or receipt.version,
-            self.version,
-            str(self.path(root)),
-            self.blocks,
+            name=self.name,
+            kind="component",
+            required=True,
+            present=receipt is not None,
+            version=found,
+            pinned=self.version,
+            detail=self.dirname if receipt is not None else "not installed",
+            blocks=self.blocks,
         )
 
 
@@ -624,14 +615,14 @@ class AptPackages:
             else f"{len(missing)}/{count} missing: {' '.join(missing)}"
         )
         return Finding(
-            self.name,
-            "component",
-            True,
-            not missing,
-            None if missing else self.version,
-            self.version,
-            detail,
-            self.blocks,
+            name=self.name,
+            kind="component",
+            required=True,
+            present=not missing,
+            version=None if missing else self.version,
+            pinned=self.version,
+            detail=detail,
+            blocks=self.blocks,
         )
 
 
@@ -739,23 +730,30 @@ class HostTool:
 
     def inspect(self) -> Finding:
         path = shutil.which(self.command[0])
-        if path is None:
-            return Finding(
-                self.name, "host", self.required, False, None, None, "not on PATH", self.blocks
-            )
-        try:
-            # java -version writes to stderr, so both streams are read.
-            proc = subprocess.run(
-                [path, *self.command[1:]],
-                capture_output=True,
-                text=True,
-                timeout=30,
-                check=False,
-            )
-            version = _version_in(proc.stdout.splitlines()[0] if proc.stdout else proc.stderr)
-        except (OSError, subprocess.TimeoutExpired):
-            version = None
-        return Finding(self.name, "host", self.required, True, version, None, path, self.blocks)
+        version = None
+        if path is not None:
+            try:
+                proc = subprocess.run(
+                    [path, *self.command[1:]],
+                    capture_output=True,
+                    text=True,
+                    timeout=30,
+                    check=False,
+                )
+                # `java -version` prints only to stderr; the others print to stdout.
+                version = _version_in(proc.stdout.splitlines()[0] if proc.stdout else proc.stderr)
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+        return Finding(
+            name=self.name,
+            kind="host",
+            required=self.required,
+            present=path is not None,
+            version=version,
+            pinned=None,
+            detail=path or "not on PATH",
+            blocks=self.blocks,
+        )
 
 
 HOST_TOOLS = (
