@@ -1,6 +1,6 @@
 """Pinned real components (OPA, Keycloak, llama.cpp, models, apt packages) and their installers.
 
-Takes a tools root (``SOVEREIGN_TOOLS_DIR``, default ``~/.cache/sovereign/tools``); gives idempotent
+Takes a tools root (``SOVEREIGN_TOOLS_DIR``, default ``$XDG_CACHE_HOME/sovereign/tools``); gives idempotent
 installs into ``<root>/<name>-<version>`` with receipts, artifact paths and doctor probes.
 """
 
@@ -183,7 +183,10 @@ class Component(Protocol):
 
 def tools_dir() -> Path:
     env = os.environ.get("SOVEREIGN_TOOLS_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "sovereign" / "tools"
+    if env:
+        return Path(env).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "sovereign" / "tools"
 
 
 def sha256_file(path: Path) -> str:

@@ -87,6 +87,9 @@ def test_tools_dir_honours_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
     monkeypatch.setenv("SOVEREIGN_TOOLS_DIR", str(tmp_path))
     assert tools.tools_dir() == tmp_path
     monkeypatch.delenv("SOVEREIGN_TOOLS_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert tools.tools_dir() == tmp_path / "xdg" / "sovereign" / "tools"
+    monkeypatch.delenv("XDG_CACHE_HOME")
     assert tools.tools_dir() == Path.home() / ".cache" / "sovereign" / "tools"
 
 
