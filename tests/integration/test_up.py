@@ -35,18 +35,22 @@ def _profile(tmp_path: Path, opa_port: int, gateway_port: int) -> Path:
     return path
 
 
-@pytest.mark.slow
-def test_up_check_starts_opa_and_the_gateway_and_reports_ready(tmp_path: Path) -> None:
-    tools.opa_binary()  # fails with "run `sovereign tools install opa`" when absent
-    profile = _profile(tmp_path, _free_port(), _free_port())
-    proc = subprocess.run(
-        [SOVEREIGN, "up", str(profile), "--state-dir", str(tmp_path / "state"), "--check"],
+def _up(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [SOVEREIGN, "up", *map(str, args)],
         cwd=ROOT,
         capture_output=True,
         text=True,
         check=False,
         timeout=180,
     )
+
+
+@pytest.mark.slow
+def test_up_check_starts_opa_and_the_gateway_and_reports_ready(tmp_path: Path) -> None:
+    tools.opa_binary()  # fails with "run `sovereign tools install opa`" when absent
+    profile = _profile(tmp_path, _free_port(), _free_port())
+    proc = _up(profile, "--state-dir", tmp_path / "state", "--check")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "policy_engine" in proc.stdout
     render = tmp_path / "state" / "up-test" / "render"
@@ -62,27 +66,14 @@ def test_up_check_fails_when_the_gateway_port_is_taken(tmp_path: Path) -> None:
         busy.listen()
         taken = int(busy.getsockname()[1])
         profile = _profile(tmp_path, _free_port(), taken)
-        proc = subprocess.run(
-            [SOVEREIGN, "up", str(profile), "--state-dir", str(tmp_path / "state"), "--check"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=180,
-        )
+        proc = _up(profile, "--state-dir", tmp_path / "state", "--check")
     assert proc.returncode == 1
     assert "gateway exited" in proc.stderr or "not ready" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
 def test_up_refuses_a_datacenter_profile(tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [SOVEREIGN, "up", str(ROOT / "profiles" / "datacenter.yaml"), "--state-dir", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=60,
-    )
+    proc = _up(ROOT / "profiles" / "datacenter.yaml", "--state-dir", tmp_path)
     assert proc.returncode == 2
     assert "deploy it with `pulumi up`" in proc.stderr
     assert list(tmp_path.iterdir()) == []

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, HttpUrl, model_validator
 from pydantic_core import PydanticCustomError
 
 from sovereign.profile import defaults
+from sovereign.profile.rules import violations
 from sovereign.profile.types import (
     AbsolutePath,
     Arch,
@@ -212,8 +213,6 @@ class Profile(StrictModel):
 
     @model_validator(mode="after")
     def _check_rules(self) -> Profile:
-        from sovereign.profile.rules import violations
-
         found = violations(self)
         if found:
             raise PydanticCustomError(
