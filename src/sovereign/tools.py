@@ -1,7 +1,8 @@
 """Pinned real components (OPA, Keycloak, llama.cpp, models, apt packages) and their installers.
 
-Takes a tools root (``SOVEREIGN_TOOLS_DIR``, default ``$XDG_CACHE_HOME/sovereign/tools``); gives idempotent
-installs into ``<root>/<name>-<version>`` with receipts, artifact paths and doctor probes.
+Takes a tools root (``SOVEREIGN_TOOLS_DIR``, default ``$XDG_CACHE_HOME/sovereign/tools``);
+gives idempotent installs into ``<root>/<name>-<version>`` with receipts, artifact paths
+and doctor probes.
 """
 
 from __future__ import annotations
