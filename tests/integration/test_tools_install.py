@@ -5,6 +5,7 @@ Takes the real tools cache (CI runs `sovereign tools install` first); gives pass
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -56,3 +57,27 @@ def test_second_install_does_nothing_and_is_quick() -> None:
     assert tools.smollm2_gguf().stat().st_size == 98_362_432
     assert tools.minilm_onnx().stat().st_size == 22_928_619
     assert tools.minilm_tokenizer().is_file()
+
+
+@pytest.mark.slow
+def test_doctor_lists_opa_and_keycloak_with_the_versions_they_report() -> None:
+    proc = subprocess.run(
+        [str(SOVEREIGN), "doctor", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    findings = {f["name"]: f for f in json.loads(proc.stdout)["findings"]}
+    # Versions are probed from the installed files (`opa version`, Keycloak's version.txt),
+    # not copied from the pins.
+    assert (findings["opa"]["present"], findings["opa"]["version"]) == (True, tools.OPA_VERSION)
+    keycloak = findings["keycloak"]
+    assert (keycloak["present"], keycloak["version"]) == (True, tools.KEYCLOAK_VERSION)
+    table = subprocess.run(
+        [str(SOVEREIGN), "doctor"], capture_output=True, text=True, timeout=120, check=True
+    ).stdout
+    assert "opa" in table
+    assert "1.22.3" in table
+    assert "keycloak" in table
+    assert "26.5.6" in table
