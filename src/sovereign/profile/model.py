@@ -111,14 +111,47 @@ class Mirror(StrictModel):
     url: HttpUrl
 
 
-class Identity(StrictModel):
-    """The OIDC provider (Keycloak) that issues the tokens the gateway accepts."""
+class IdentityUser(StrictModel):
+    """A person the realm knows; passwords are never part of a profile."""
 
+    name: DnsLabel
+    email: str | None = Field(default=None, pattern=r"^[^@\s]+@[^@\s]+$")
+    roles: list[DnsLabel] = Field(min_length=1)
+
+
+class ServiceClient(StrictModel):
+    """A machine client (client-credentials grant), e.g. the retrieval worker."""
+
+    name: DnsLabel
+    roles: list[DnsLabel] = Field(min_length=1)
+
+
+class Identity(StrictModel):
+    """Who issues the tokens the gateway accepts: Keycloak, or on a personal node a local key."""
+
+    provider: Literal["keycloak", "local"] = Field(
+        default="keycloak",
+        description=(
+            "keycloak: tokens from a Keycloak realm rendered from this section; local (personal "
+            "only): a key pair on this machine and `sovereign token` to mint tokens"
+        ),
+    )
     issuer: HttpUrl = Field(description="the OIDC issuer, {keycloak}/realms/{realm}")
     audience: str = Field(min_length=1, description="the `aud` the gateway requires")
     realm: DnsLabel
     roles: dict[DnsLabel, list[Permission]] = Field(
         min_length=1, description="what each realm role may do at the gateway"
+    )
+    users: list[IdentityUser] = Field(
+        default_factory=list, description="users created in the rendered realm"
+    )
+    service_clients: list[ServiceClient] = Field(
+        default_factory=list,
+        description="clients whose tokens may call the internal endpoints /embed and /query",
+    )
+    local_key_dir: AbsolutePath = Field(
+        default="/var/lib/sovereign/issuer",
+        description="provider local: where the signing key pair and its JWKS live",
     )
 
 
@@ -151,16 +184,40 @@ class Memory(StrictModel):
     data_dir: AbsolutePath
 
 
+class ComplianceLock(StrictModel):
+    """The signed manifest pinning models, policy and config; drift refuses every request."""
+
+    required: bool = Field(description="refuse requests while no valid lock is in place")
+    manifest: AbsolutePath = "/etc/sovereign/lock.json"
+    public_key: AbsolutePath = Field(
+        default="/etc/sovereign/lock.pub", description="Ed25519 public key (PEM) it is signed by"
+    )
+
+
 class Policy(StrictModel):
     bundle: str = Field(min_length=1, description="the Rego bundle directory or archive")
+    engine: Literal["embedded", "remote"] = Field(
+        description="embedded: regorus in the gateway process; remote: the OPA server at opa_url"
+    )
     opa_url: HttpUrl = Field(description="where the gateway asks OPA for decisions")
     dlp: DlpMode
+    lock: ComplianceLock
 
 
 class Audit(StrictModel):
     path: AbsolutePath
     checkpoint_interval: Duration
+    checkpoint_records: int = Field(
+        default=1000, ge=1, description="also sign a checkpoint after this many records"
+    )
     retention: Duration
+    signing_key: AbsolutePath = Field(
+        default="/var/lib/sovereign/keys/audit.key",
+        description="Ed25519 private key (PEM) that signs checkpoints; created when missing",
+    )
+    capture_content: bool = Field(
+        default=False, description="store prompts and answers in the audit log (off: digests only)"
+    )
 
 
 class Sandbox(StrictModel):
@@ -169,6 +226,11 @@ class Sandbox(StrictModel):
 
 class Gateway(StrictModel):
     listen: HostPort
+    max_body_bytes: int = Field(default=1_048_576, ge=1024, le=104_857_600)
+    upstream: HttpUrl | None = Field(
+        default=None,
+        description="an OpenAI-compatible server that answers for models without their own URL",
+    )
 
 
 class FederationPeer(StrictModel):

@@ -166,8 +166,29 @@ def _is_loopback(url: HttpUrl) -> bool:
 
 
 def _identity(profile: Profile) -> Iterator[Violation]:
-    issuer = profile.identity.issuer
-    expected_suffix = f"/realms/{profile.identity.realm}"
+    identity = profile.identity
+    issuer = identity.issuer
+    for field, principals in (("users", identity.users), ("service_clients", identity.service_clients)):
+        for index, principal in enumerate(principals):
+            for role_index, role in enumerate(principal.roles):
+                if role not in identity.roles:
+                    yield Violation(
+                        ("identity", field, index, "roles", role_index),
+                        f"role {role!r} is not in identity.roles ({', '.join(identity.roles)})",
+                    )
+    names = [user.name for user in identity.users]
+    for index in _duplicates(names):
+        yield Violation(("identity", "users", index, "name"), f"user {names[index]!r} is listed twice")
+    if identity.provider == "local":
+        if profile.kind != "personal":
+            yield Violation(
+                ("identity", "provider"),
+                f"the local issuer is for personal nodes only; kind {profile.kind} uses keycloak",
+            )
+        if not _is_loopback(issuer):
+            yield Violation(("identity", "issuer"), "a local issuer must be a loopback URL")
+        return
+    expected_suffix = f"/realms/{identity.realm}"
     if not (issuer.path or "").rstrip("/").endswith(expected_suffix):
         yield Violation(
             ("identity", "issuer"),

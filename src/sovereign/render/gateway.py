@@ -8,11 +8,13 @@ from sovereign_gateway.config import (
     OIDC,
     SCHEMA_VERSION,
     AuditLog,
+    ComplianceLock,
     GatewayConfig,
     Listen,
     MemoryStore,
     ModelRoute,
     PolicyEngine,
+    Upstream,
 )
 
 from sovereign.profile.model import Profile
@@ -22,28 +24,43 @@ from sovereign.render import Renderer
 # The signature algorithms RFC 8725 leaves us: asymmetric only, never `none` or HS*.
 ALGORITHMS = ["RS256", "ES256", "EdDSA"]
 CLOCK_SKEW_SECONDS = 30
-POLICY_DECISION = "sovereign/gateway/decision"
+POLICY_DECISION = "gateway/decision"
 POLICY_TIMEOUT_SECONDS = 2.0
+JWKS_CACHE_SECONDS = 300
+JWKS_REFETCH_INTERVAL_SECONDS = 10.0
+UPSTREAM_TIMEOUT_SECONDS = 120.0
+AUDIT_SEGMENT_MAX_BYTES = 64 * 1024 * 1024
 
 
 def gateway_config(profile: Profile) -> GatewayConfig:
     host, port = split_host_port(profile.gateway.listen)
+    identity = profile.identity
+    upstream = profile.gateway.upstream
     return GatewayConfig(
         schema_version=SCHEMA_VERSION,
         profile=profile.name,
         kind=profile.kind,
         listen=Listen(host=host, port=port),
+        max_body_bytes=profile.gateway.max_body_bytes,
+        egress_default=profile.network.egress.default,
         oidc=OIDC(
-            issuer=str(profile.identity.issuer).rstrip("/"),
-            audience=profile.identity.audience,
-            realm=profile.identity.realm,
+            provider=identity.provider,
+            issuer=str(identity.issuer).rstrip("/"),
+            audience=identity.audience,
+            realm=identity.realm,
             algorithms=list(ALGORITHMS),  # type: ignore[arg-type]
             clock_skew_seconds=CLOCK_SKEW_SECONDS,
+            jwks_file=f"{identity.local_key_dir}/jwks.json" if identity.provider == "local" else None,
+            jwks_cache_seconds=JWKS_CACHE_SECONDS,
+            jwks_refetch_interval_seconds=JWKS_REFETCH_INTERVAL_SECONDS,
+            service_clients=[client.name for client in identity.service_clients],
         ),
-        roles={role: list(perms) for role, perms in profile.identity.roles.items()},
+        roles={role: list(perms) for role, perms in identity.roles.items()},
         policy=PolicyEngine(
+            engine=profile.policy.engine,
             opa_url=str(profile.policy.opa_url).rstrip("/"),
             decision=POLICY_DECISION,
+            bundle="../policy",
             dlp=profile.policy.dlp,
             timeout_seconds=POLICY_TIMEOUT_SECONDS,
         ),
@@ -60,6 +77,10 @@ def gateway_config(profile: Profile) -> GatewayConfig:
             )
             for model in profile.models
         ],
+        upstream=Upstream(
+            url=None if upstream is None else str(upstream).rstrip("/"),
+            timeout_seconds=UPSTREAM_TIMEOUT_SECONDS,
+        ),
         memory=MemoryStore(
             vector_store=profile.memory.vector_store,
             qdrant_url=None
@@ -71,7 +92,16 @@ def gateway_config(profile: Profile) -> GatewayConfig:
         audit=AuditLog(
             path=profile.audit.path,
             checkpoint_interval_seconds=duration_seconds(profile.audit.checkpoint_interval),
+            checkpoint_records=profile.audit.checkpoint_records,
             retention_seconds=duration_seconds(profile.audit.retention),
+            signing_key=profile.audit.signing_key,
+            capture_content=profile.audit.capture_content,
+            segment_max_bytes=AUDIT_SEGMENT_MAX_BYTES,
+        ),
+        lock=ComplianceLock(
+            required=profile.policy.lock.required,
+            manifest=profile.policy.lock.manifest,
+            public_key=profile.policy.lock.public_key,
         ),
     )
 

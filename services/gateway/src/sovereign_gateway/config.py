@@ -24,18 +24,39 @@ class Listen(_Strict):
 
 
 class OIDC(_Strict):
+    provider: Literal["keycloak", "local"]
     issuer: str = Field(min_length=1)
     audience: str = Field(min_length=1)
     realm: str = Field(min_length=1)
     algorithms: list[Literal["RS256", "ES256", "EdDSA"]] = Field(min_length=1)
     clock_skew_seconds: int = Field(ge=0, le=300)
+    jwks_file: str | None = Field(
+        description="provider local: the JWKS file of the local issuer; else discovery is used"
+    )
+    jwks_cache_seconds: int = Field(gt=0)
+    jwks_refetch_interval_seconds: float = Field(
+        ge=0, description="at most one JWKS fetch per interval when an unknown kid arrives"
+    )
+    service_clients: list[str] = Field(
+        description="client ids (azp) whose tokens may call /embed and /query"
+    )
 
 
 class PolicyEngine(_Strict):
+    engine: Literal["embedded", "remote"]
     opa_url: str = Field(min_length=1)
     decision: str = Field(min_length=1, description="the OPA rule path asked for each request")
+    bundle: str = Field(
+        min_length=1, description="directory with the Rego files and data.json; relative to here"
+    )
     dlp: Literal["block", "redact", "log"]
     timeout_seconds: float = Field(gt=0, le=30)
+
+
+class ComplianceLock(_Strict):
+    required: bool
+    manifest: str
+    public_key: str
 
 
 class ModelRoute(_Strict):
@@ -59,7 +80,16 @@ class MemoryStore(_Strict):
 class AuditLog(_Strict):
     path: str
     checkpoint_interval_seconds: int = Field(gt=0)
+    checkpoint_records: int = Field(gt=0)
     retention_seconds: int = Field(gt=0)
+    signing_key: str
+    capture_content: bool
+    segment_max_bytes: int = Field(gt=0, description="rotate to a new segment past this size")
+
+
+class Upstream(_Strict):
+    url: str | None = Field(description="OpenAI-compatible base URL, including /v1")
+    timeout_seconds: float = Field(gt=0)
 
 
 class GatewayConfig(_Strict):
@@ -67,13 +97,23 @@ class GatewayConfig(_Strict):
     profile: str
     kind: Literal["personal", "edge", "air-gapped", "datacenter"]
     listen: Listen
+    max_body_bytes: int = Field(gt=0)
+    egress_default: Literal["deny"]
     oidc: OIDC
     roles: dict[str, list[str]]
     policy: PolicyEngine
     models: list[ModelRoute] = Field(min_length=1)
+    upstream: Upstream
     memory: MemoryStore
     audit: AuditLog
+    lock: ComplianceLock
 
 
 def load_config(path: Path) -> GatewayConfig:
+    """Read a rendered config; relative paths in it are relative to the file's directory."""
     return GatewayConfig.model_validate_json(path.read_bytes())
+
+
+def resolve(config_path: Path, value: str) -> Path:
+    candidate = Path(value)
+    return candidate if candidate.is_absolute() else (config_path.parent / candidate).resolve()

@@ -1,0 +1,3 @@
+"""`sovereign audit`: filled in by the gateway-boundary work."""
+
+from __future__ import annotations
