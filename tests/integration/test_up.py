@@ -23,13 +23,15 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _profile(tmp_path: Path, opa_port: int, gateway_port: int) -> Path:
+def _profile(tmp_path: Path, opa_port: int, gateway_port: int, engine: str = "remote") -> Path:
     path = tmp_path / "node.yaml"
     path.write_text(
         "kind: personal\nname: up-test\n"
-        f"policy:\n  opa_url: http://127.0.0.1:{opa_port}\n"
+        f"identity:\n  issuer: http://127.0.0.1:{gateway_port}/local\n"
+        f"  local_key_dir: {tmp_path}/issuer\n"
+        f"policy:\n  engine: {engine}\n  opa_url: http://127.0.0.1:{opa_port}\n"
         f"gateway:\n  listen: 127.0.0.1:{gateway_port}\n"
-        f"audit:\n  path: {tmp_path}/audit\n"
+        f"audit:\n  path: {tmp_path}/audit\n  signing_key: {tmp_path}/keys/audit.key\n"
         f"memory:\n  data_dir: {tmp_path}/memory\n  key_file: {tmp_path}/keys/kek\n"
     )
     return path

@@ -1,3 +1,179 @@
-"""`sovereign lock`: filled in by the gateway-boundary work."""
+"""`sovereign lock keygen|create|verify`: make, sign and check the compliance lock.
+
+Takes a render directory and an Ed25519 key pair; gives a signed manifest, or the reasons
+a manifest does not hold (exit 1) or cannot be checked (exit 2).
+"""
 
 from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from pydantic import ValidationError
+from sovereign_gateway.config import GatewayConfig, load_config, resolve
+from sovereign_gateway.lock import (
+    LockError,
+    LockFacts,
+    create_manifest,
+    drift,
+    facts_for,
+    key_id,
+    load_verified,
+)
+
+from sovereign.cli import app
+from sovereign.cli.output import EXIT_BAD_INPUT, EXIT_FAILED, console, errors
+
+lock_app = typer.Typer(
+    help="Create and verify the signed compliance lock of a rendered node.",
+    no_args_is_help=True,
+)
+app.add_typer(lock_app, name="lock")
+
+PRIVATE_KEY = "lock.key"
+PUBLIC_KEY = "lock.pub"
+CONFIG = Path("gateway") / "config.json"
+
+
+def _fail(message: str, code: int = EXIT_BAD_INPUT) -> typer.Exit:
+    errors.print(f"error: {message}", markup=False)
+    return typer.Exit(code)
+
+
+@lock_app.command()
+def keygen(
+    out: Annotated[Path, typer.Option("--out", "-o", help="directory for lock.key and lock.pub")],
+) -> None:
+    """Write a new Ed25519 signing key (lock.key, 0600) and its public key (lock.pub)."""
+    for name in (PRIVATE_KEY, PUBLIC_KEY):
+        if (out / name).exists():
+            raise _fail(f"refusing to overwrite {out / name}; move it away or choose another --out")
+    key = Ed25519PrivateKey.generate()
+    private_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    public_pem = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_atomic(out / PRIVATE_KEY, private_pem, 0o600)
+        _write_atomic(out / PUBLIC_KEY, public_pem, 0o644)
+    except OSError as exc:
+        raise _fail(f"cannot write keys into {out}: {exc.strerror}") from None
+    console.print(f"{out / PRIVATE_KEY}  [dim]private, keep it off the node[/dim]")
+    console.print(f"{out / PUBLIC_KEY}  [dim]key id {key_id(key.public_key())[:16]}[/dim]")
+
+
+@lock_app.command()
+def create(
+    render: Annotated[Path, typer.Option("--render", help="a `sovereign render` output directory")],
+    key: Annotated[Path, typer.Option("--key", help="the Ed25519 private key (PEM) to sign with")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="where to write the manifest")],
+) -> None:
+    """Pin the render's models, policy bundle, gateway config and egress mode, and sign it."""
+    config_path = render / CONFIG
+    config = _load_config(config_path)
+    bundle = resolve(config_path, config.policy.bundle)
+    if not bundle.is_dir():
+        raise _fail(f"{config_path}: policy.bundle {bundle} is not a directory")
+    private_key = _load_private_key(key)
+    facts = _facts(config_path, config)
+    try:
+        manifest = create_manifest(
+            facts, profile=config.profile, kind=config.kind, private_key=private_key
+        )
+    except ValueError as exc:
+        raise _fail(f"{config_path}: {exc}") from None
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomic(out, manifest, 0o644)
+    except OSError as exc:
+        raise _fail(f"cannot write {out}: {exc.strerror}") from None
+    console.print(f"{out}  [dim]locks {len(facts.models)} model(s), policy and config[/dim]")
+
+
+@lock_app.command()
+def verify(
+    manifest: Annotated[Path, typer.Argument(help="the lock manifest")],
+    public_key: Annotated[Path, typer.Option("--public-key", help="Ed25519 public key (PEM)")],
+    render: Annotated[
+        Path | None, typer.Option("--render", help="also check this render for drift")
+    ] = None,
+) -> None:
+    """Check the manifest's signature and, with --render, that the render still matches it."""
+    try:
+        verified = load_verified(manifest, public_key)
+    except LockError as error:
+        if error.code in ("missing", "key_unreadable"):
+            raise _fail(str(error)) from None
+        raise _fail(f"violation: {error}", EXIT_FAILED) from None
+    if render is not None:
+        config_path = render / CONFIG
+        reasons = drift(verified, _facts(config_path, _load_config(config_path)))
+        if reasons:
+            for reason in reasons:
+                errors.print(f"violation: {reason}", markup=False)
+            raise typer.Exit(EXIT_FAILED)
+    checked = "signature and render" if render is not None else "signature"
+    console.print(f"[green]✓[/green] {manifest}: {checked} ok (key {verified['key_id'][:16]})")
+
+
+def _load_config(path: Path) -> GatewayConfig:
+    try:
+        return load_config(path)
+    except OSError as exc:
+        raise _fail(f"cannot read {path}: {exc.strerror}") from None
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "(top level)"
+        raise _fail(f"{path}: {where}: {first['msg']}") from None
+
+
+def _facts(config_path: Path, config: GatewayConfig) -> LockFacts:
+    try:
+        return facts_for(config_path, config)
+    except OSError as exc:
+        raise _fail(f"cannot read {exc.filename or config_path}: {exc.strerror}") from None
+
+
+def _load_private_key(path: Path) -> Ed25519PrivateKey:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise _fail(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise _fail(f"{path} is not an unencrypted PEM private key") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise _fail(f"{path} is not an Ed25519 private key")
+    return key
+
+
+def _write_atomic(path: Path, data: bytes, mode: int) -> None:
+    """Write via a temp file in the same directory, so readers see all of it or none."""
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as file:
+            os.fchmod(file.fileno(), mode)
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)

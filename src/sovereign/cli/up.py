@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 import typer
 from rich.table import Table
 
-from sovereign import tools
+from sovereign import issuer, tools
 from sovereign.cli import app
 from sovereign.cli.output import EXIT_BAD_INPUT, EXIT_FAILED, console, errors
 from sovereign.cli.profile import load_or_exit
@@ -94,11 +94,17 @@ def _prepare_local_dirs(profile: Profile) -> None:
                 f"warning: cannot create {directory}; the gateway will report it not ready",
                 markup=False,
             )
+    if profile.identity.provider == "local":
+        try:
+            issuer.ensure_keys(Path(profile.identity.local_key_dir))
+        except (OSError, issuer.IssuerError) as error:
+            errors.print(f"error: local issuer: {error}", markup=False)
+            raise typer.Exit(EXIT_FAILED) from None
 
 
-def _opa_command(profile: Profile) -> list[str] | None:
+def _opa_command(profile: Profile, render_dir: Path) -> list[str] | None:
     url = urlsplit(str(profile.policy.opa_url))
-    if url.hostname not in ("127.0.0.1", "localhost"):
+    if profile.policy.engine != "remote" or url.hostname not in ("127.0.0.1", "localhost"):
         return None
     command = [
         str(tools.opa_binary()),
@@ -109,15 +115,8 @@ def _opa_command(profile: Profile) -> list[str] | None:
         "--log-level",
         "error",
     ]
-    bundle = Path(profile.policy.bundle)
-    if bundle.exists():
-        command.append(str(bundle))
-    else:
-        errors.print(
-            f"warning: policy bundle {bundle} not found; OPA starts with no policy, "
-            "so every decision is undefined and the gateway refuses",
-            markup=False,
-        )
+    # The rendered policy dir holds exactly the Rego files and data the lock pins.
+    command.append(str(render_dir / "policy"))
     return command
 
 
@@ -154,7 +153,7 @@ def up(
     log_dir.mkdir(parents=True, exist_ok=True)
 
     try:
-        opa_command = _opa_command(profile)
+        opa_command = _opa_command(profile, render_dir)
     except tools.ToolMissing as missing:
         errors.print(f"error: {missing}", markup=False)
         raise typer.Exit(EXIT_FAILED) from None
@@ -179,6 +178,8 @@ def up(
         answer = _wait_for_health(health_url, processes)
         _print_health(health_url, answer, log_dir)
         ready = answer is not None and answer[0] == 200
+        if ready:
+            _print_examples(profile, file, f"http://{health_url.split('/')[2]}")
         if check or not ready:
             raise typer.Exit(0 if ready else EXIT_FAILED)
         console.print("node is up; press Ctrl-C to stop it")
@@ -208,3 +209,27 @@ def _print_health(url: str, answer: tuple[int, dict[str, Any]] | None, log_dir: 
     console.print(table)
     if status != 200:
         errors.print(f"error: the node is not ready; logs are in {log_dir}", markup=False)
+
+
+def _print_examples(profile: Profile, file: Path | None, base: str) -> None:
+    model = profile.models[0].aliases[0] if profile.models[0].aliases else profile.models[0].name
+    if profile.identity.provider == "local":
+        where = "" if file is None else f" {file}"
+        token = f"TOKEN=$(uv run sovereign token{where} --user $USER --role user)"
+    else:
+        token = f"TOKEN=...  # an access token from {profile.identity.issuer}"
+    console.print(
+        "\nTry it (the gateway speaks the OpenAI API):\n"
+        f"  {token}\n"
+        f'  curl -s {base}/v1/models -H "Authorization: Bearer $TOKEN"\n'
+        f'  curl -s {base}/v1/chat/completions -H "Authorization: Bearer $TOKEN" \\\n'
+        "    -H 'content-type: application/json' \\\n"
+        f'    -d \'{{"model": "{model}", "messages": '
+        '[{"role": "user", "content": "Hello"}]}\'\n'
+        "  python -c 'import os, openai; c = openai.OpenAI("
+        f'base_url="{base}/v1", api_key=os.environ["TOKEN"]); '
+        "print([m.id for m in c.models.list()])'",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )

@@ -168,14 +168,19 @@ def _is_loopback(url: HttpUrl) -> bool:
 def _identity(profile: Profile) -> Iterator[Violation]:
     identity = profile.identity
     issuer = identity.issuer
-    for field, principals in (("users", identity.users), ("service_clients", identity.service_clients)):
-        for index, principal in enumerate(principals):
-            for role_index, role in enumerate(principal.roles):
-                if role not in identity.roles:
-                    yield Violation(
-                        ("identity", field, index, "roles", role_index),
-                        f"role {role!r} is not in identity.roles ({', '.join(identity.roles)})",
-                    )
+    granted: list[tuple[str, int, list[str]]] = [
+        ("users", index, user.roles) for index, user in enumerate(identity.users)
+    ] + [
+        ("service_clients", index, client.roles)
+        for index, client in enumerate(identity.service_clients)
+    ]
+    for field, index, roles in granted:
+        for role_index, role in enumerate(roles):
+            if role not in identity.roles:
+                yield Violation(
+                    ("identity", field, index, "roles", role_index),
+                    f"role {role!r} is not in identity.roles ({', '.join(identity.roles)})",
+                )
     names = [user.name for user in identity.users]
     for index in _duplicates(names):
         yield Violation(("identity", "users", index, "name"), f"user {names[index]!r} is listed twice")

@@ -35,9 +35,9 @@ class RenderError(Exception):
 
 def registry() -> dict[str, Renderer]:
     # Imported here so each renderer module can import this one without a cycle.
-    from sovereign.render import gateway, policy, resolved
+    from sovereign.render import gateway, keycloak, policy, resolved
 
-    renderers = (resolved.RENDERER, gateway.RENDERER, policy.RENDERER)
+    renderers = (resolved.RENDERER, gateway.RENDERER, policy.RENDERER, keycloak.RENDERER)
     return {renderer.name: renderer for renderer in renderers}
 
 

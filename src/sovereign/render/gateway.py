@@ -50,7 +50,9 @@ def gateway_config(profile: Profile) -> GatewayConfig:
             realm=identity.realm,
             algorithms=list(ALGORITHMS),  # type: ignore[arg-type]
             clock_skew_seconds=CLOCK_SKEW_SECONDS,
-            jwks_file=f"{identity.local_key_dir}/jwks.json" if identity.provider == "local" else None,
+            jwks_file=f"{identity.local_key_dir}/jwks.json"
+            if identity.provider == "local"
+            else None,
             jwks_cache_seconds=JWKS_CACHE_SECONDS,
             jwks_refetch_interval_seconds=JWKS_REFETCH_INTERVAL_SECONDS,
             service_clients=[client.name for client in identity.service_clients],

@@ -11,15 +11,16 @@ from sovereign_gateway.config import GatewayConfig
 from typer.testing import CliRunner
 
 from sovereign.cli import app
-from sovereign.profile.loader import load_profile
+from sovereign.profile.defaults import EMBEDDED_DEFAULT
+from sovereign.profile.loader import load_profile, parse_profile
 from sovereign.render import MANIFEST, RenderError, registry, render_files, render_to
 
 ROOT = Path(__file__).resolve().parents[3]
 EXAMPLES = sorted((ROOT / "profiles").glob("*.yaml"))
 
 
-def test_registry_holds_the_resolved_profile_and_gateway_renderers() -> None:
-    assert set(registry()) == {"profile", "gateway"}
+def test_registry_holds_every_renderer() -> None:
+    assert set(registry()) == {"profile", "gateway", "policy", "keycloak"}
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
@@ -48,7 +49,14 @@ def test_render_writes_files_and_a_manifest_of_their_digests(tmp_path: Path) -> 
     )
     assert result.exit_code == 0, result.output
     manifest = json.loads((out / MANIFEST).read_text())
-    assert set(manifest["files"]) == {"profile.yaml", "gateway/config.json"}
+    assert {"profile.yaml", "gateway/config.json", "policy/data.json", "keycloak/realm.json"} <= set(
+        manifest["files"]
+    )
+    assert {path for path in manifest["files"] if path.startswith("policy/gateway/")} == {
+        f"policy/gateway/{rego.name}"
+        for rego in (ROOT / "policies" / "gateway").glob("*.rego")
+        if not rego.name.endswith("_test.rego")
+    }
     assert load_profile(out / "profile.yaml") == load_profile(ROOT / "profiles" / "personal.yaml")
 
 
@@ -110,3 +118,32 @@ def test_renderer_paths_may_not_escape_the_output(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(render, "registry", lambda: {"evil": evil})
     with pytest.raises(RenderError, match=re.escape("bad or duplicate path '../escape'")):
         render_files(profile)
+
+
+def test_the_keycloak_realm_holds_the_profiles_roles_users_and_clients() -> None:
+    profile = load_profile(ROOT / "profiles" / "personal.yaml")
+    realm = json.loads(render_files(profile, ["keycloak"])["keycloak/realm.json"])
+
+    assert realm["realm"] == "sovereign"
+    assert {role["name"] for role in realm["roles"]["realm"]} == {"admin", "user", "service"}
+    clients = {client["clientId"]: client for client in realm["clients"]}
+    assert clients["sovereign-gateway"]["bearerOnly"] is True
+    assert clients["sovereign-cli"]["publicClient"] is True
+    assert clients["sovereign-memory"]["serviceAccountsEnabled"] is True
+    assert clients["sovereign-memory"]["directAccessGrantsEnabled"] is False
+    for name in ("sovereign-cli", "sovereign-memory"):
+        mappers = clients[name]["protocolMappers"]
+        assert mappers[0]["config"]["included.client.audience"] == "sovereign-gateway"
+    users = {user["username"]: user for user in realm["users"]}
+    assert users["ada"]["realmRoles"] == ["admin"]
+    assert "credentials" not in users["ada"]
+    assert users["service-account-sovereign-memory"]["realmRoles"] == ["service"]
+    assert "secret" not in clients["sovereign-memory"]
+
+
+def test_a_local_issuer_renders_no_realm() -> None:
+    profile = load_profile(ROOT / "profiles" / "edge.yaml")
+    personal = parse_profile(EMBEDDED_DEFAULT, "embedded")
+
+    assert render_files(personal, ["keycloak"]) == {}
+    assert "keycloak/realm.json" in render_files(profile, ["keycloak"])

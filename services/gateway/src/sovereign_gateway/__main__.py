@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -11,6 +12,8 @@ from pydantic import ValidationError
 
 from sovereign_gateway.app import create_app
 from sovereign_gateway.config import load_config
+
+GRACE_SECONDS = 30
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -31,12 +34,20 @@ def main(argv: list[str] | None = None) -> None:
             file=sys.stderr,
         )
         sys.exit(2)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    # On SIGTERM uvicorn stops accepting, lets in-flight requests finish (up to the grace
+    # period), then runs the lifespan shutdown, which seals and fsyncs the audit log.
     uvicorn.run(
-        create_app(config),
+        create_app(config, args.config.resolve()),
         host=config.listen.host,
         port=config.listen.port,
-        log_level="info",
-        timeout_graceful_shutdown=10,
+        http="httptools",
+        loop="uvloop",
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=GRACE_SECONDS,
     )
 
 

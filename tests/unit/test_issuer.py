@@ -1,0 +1,220 @@
+"""The personal node's local issuer and `sovereign token`: keys, tokens, and bad input."""
+
+from __future__ import annotations
+
+import base64
+import json
+import stat
+import time
+from pathlib import Path
+from typing import Any
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from jwt import PyJWK
+from typer.testing import CliRunner
+
+from sovereign.cli import app
+from sovereign.issuer import IssuerError, ensure_keys, mint, public_jwk
+
+ROOT = Path(__file__).resolve().parents[2]
+ISSUER = "http://127.0.0.1:8000/local"
+AUDIENCE = "sovereign-gateway"
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def _verify(token: str, key_dir: Path, **overrides: Any) -> dict[str, Any]:
+    jwks = json.loads((key_dir / "jwks.json").read_text())
+    header = jwt.get_unverified_header(token)
+    [entry] = [key for key in jwks["keys"] if key["kid"] == header["kid"]]
+    options: dict[str, Any] = {"audience": AUDIENCE, "issuer": ISSUER, **overrides}
+    claims: dict[str, Any] = jwt.decode(token, key=PyJWK(entry), algorithms=["EdDSA"], **options)
+    return claims
+
+
+def _profile(tmp_path: Path, key_dir: Path, extra: str = "") -> Path:
+    path = tmp_path / "personal.yaml"
+    path.write_text(f"kind: personal\nname: t\nidentity:\n  local_key_dir: {key_dir}\n{extra}")
+    return path
+
+
+# -- keys ---------------------------------------------------------------------------------
+
+
+def test_ensure_keys_creates_a_private_directory_and_key(tmp_path: Path) -> None:
+    key_dir = tmp_path / "state" / "issuer"
+    issuer = ensure_keys(key_dir)
+    assert _mode(key_dir) == 0o700
+    assert _mode(key_dir / "signing-key.pem") == 0o600
+    assert (key_dir / "signing-key.pem").read_text().startswith("-----BEGIN PRIVATE KEY-----")
+    [jwk] = json.loads((key_dir / "jwks.json").read_text())["keys"]
+    assert jwk == public_jwk(issuer.private_key)
+    assert (jwk["kty"], jwk["crv"], jwk["alg"], jwk["use"], jwk["kid"]) == (
+        "OKP",
+        "Ed25519",
+        "EdDSA",
+        "sig",
+        issuer.kid,
+    )
+    assert "d" not in jwk
+
+
+def test_ensure_keys_loads_the_same_key_on_later_calls(tmp_path: Path) -> None:
+    first = ensure_keys(tmp_path / "issuer")
+    jwks_before = (tmp_path / "issuer" / "jwks.json").read_bytes()
+    second = ensure_keys(tmp_path / "issuer")
+    assert second.kid == first.kid
+    assert (tmp_path / "issuer" / "jwks.json").read_bytes() == jwks_before
+
+
+def test_kid_is_the_rfc7638_thumbprint(tmp_path: Path) -> None:
+    # The Ed25519 key of RFC 8037 appendix A.1 and its thumbprint from appendix A.3.
+    d = base64.urlsafe_b64decode("nWGxne_9WmC6hEr0kuwsxERJxWl7MmkZcDusAxyuf2A=")
+    jwk = public_jwk(Ed25519PrivateKey.from_private_bytes(d))
+    assert jwk["x"] == "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"
+    assert jwk["kid"] == "kPrK_qmxVWaYVA9wwBF6Iuo3vVzz7TxHCTwXBygrS4k"
+
+
+def test_missing_or_stale_jwks_is_rewritten_from_the_key(tmp_path: Path) -> None:
+    issuer = ensure_keys(tmp_path / "issuer")
+    jwks = tmp_path / "issuer" / "jwks.json"
+    jwks.write_text('{"keys": []}')
+    ensure_keys(tmp_path / "issuer")
+    assert json.loads(jwks.read_text())["keys"][0]["kid"] == issuer.kid
+    jwks.unlink()
+    ensure_keys(tmp_path / "issuer")
+    assert json.loads(jwks.read_text())["keys"][0]["kid"] == issuer.kid
+
+
+def test_corrupt_signing_key_is_an_error_naming_the_file(tmp_path: Path) -> None:
+    (tmp_path / "issuer").mkdir()
+    (tmp_path / "issuer" / "signing-key.pem").write_text("not a key")
+    with pytest.raises(IssuerError, match=str(tmp_path / "issuer" / "signing-key.pem")):
+        ensure_keys(tmp_path / "issuer")
+
+
+def test_key_dir_that_is_a_file_is_an_error_naming_it(tmp_path: Path) -> None:
+    (tmp_path / "issuer").write_text("")
+    with pytest.raises(IssuerError, match=str(tmp_path / "issuer")):
+        ensure_keys(tmp_path / "issuer")
+
+
+# -- tokens -------------------------------------------------------------------------------
+
+
+def test_minted_token_verifies_against_the_jwks(tmp_path: Path) -> None:
+    issuer = ensure_keys(tmp_path / "issuer")
+    token = mint(issuer, issuer_url=ISSUER, audience=AUDIENCE, subject="ada", roles=["user"])
+    header = jwt.get_unverified_header(token)
+    assert (header["alg"], header["typ"], header["kid"]) == ("EdDSA", "JWT", issuer.kid)
+    claims = _verify(token, tmp_path / "issuer")
+    assert claims["sub"] == claims["preferred_username"] == "ada"
+    assert claims["azp"] == "sovereign-cli"
+    assert claims["roles"] == ["user"]
+    assert claims["realm_access"] == {"roles": ["user"]}
+    assert claims["typ"] == "Bearer"
+    assert claims["exp"] - claims["iat"] == 3600
+    assert claims["nbf"] == claims["iat"]
+    assert claims["jti"]
+
+
+def test_minted_token_is_refused_for_another_audience(tmp_path: Path) -> None:
+    issuer = ensure_keys(tmp_path / "issuer")
+    token = mint(issuer, issuer_url=ISSUER, audience="elsewhere", subject="ada", roles=["user"])
+    with pytest.raises(jwt.InvalidAudienceError):
+        _verify(token, tmp_path / "issuer")
+
+
+def test_minted_token_expires_after_its_ttl(tmp_path: Path) -> None:
+    issuer = ensure_keys(tmp_path / "issuer")
+    token = mint(
+        issuer,
+        issuer_url=ISSUER,
+        audience=AUDIENCE,
+        subject="ada",
+        roles=["user"],
+        ttl_seconds=60,
+        now=int(time.time()) - 120,
+    )
+    with pytest.raises(jwt.ExpiredSignatureError):
+        _verify(token, tmp_path / "issuer")
+
+
+def test_each_token_has_its_own_jti(tmp_path: Path) -> None:
+    issuer = ensure_keys(tmp_path / "issuer")
+    tokens = [
+        mint(issuer, issuer_url=ISSUER, audience=AUDIENCE, subject="ada", roles=["user"], now=1)
+        for _ in range(2)
+    ]
+    jtis = {jwt.decode(t, options={"verify_signature": False})["jti"] for t in tokens}
+    assert len(jtis) == 2
+
+
+# -- the CLI ------------------------------------------------------------------------------
+
+
+def test_token_command_prints_only_a_verifiable_token(tmp_path: Path) -> None:
+    key_dir = tmp_path / "issuer"
+    result = CliRunner().invoke(
+        app,
+        ["token", str(_profile(tmp_path, key_dir)), "--user", "ada", "--role", "user",
+         "--role", "admin", "--ttl", "30m", "--client", "notebook"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert result.stdout.count("\n") == 1
+    claims = _verify(result.stdout.strip(), key_dir)
+    assert (claims["sub"], claims["azp"]) == ("ada", "notebook")
+    assert claims["realm_access"]["roles"] == ["user", "admin"]
+    assert claims["exp"] - claims["iat"] == 1800
+
+
+def test_token_command_refuses_a_keycloak_profile() -> None:
+    path = ROOT / "profiles" / "personal.yaml"
+    result = CliRunner().invoke(app, ["token", str(path), "--user", "ada", "--role", "user"])
+    assert result.exit_code == 2
+    assert result.stdout == ""
+    assert result.stderr == (
+        f"error: identity.provider is keycloak in {path}; "
+        "get tokens from http://127.0.0.1:8080/realms/sovereign\n"
+    )
+
+
+def test_token_command_names_an_unknown_role_and_the_known_ones(tmp_path: Path) -> None:
+    profile = _profile(tmp_path, tmp_path / "issuer")
+    result = CliRunner().invoke(app, ["token", str(profile), "--user", "ada", "--role", "root"])
+    assert result.exit_code == 2
+    assert "role root is not in identity.roles" in result.stderr
+    assert "known roles: admin, user, service" in result.stderr
+    assert not (tmp_path / "issuer").exists()
+
+
+@pytest.mark.parametrize("ttl", ["1x", "0s", "-5m", "365d"])
+def test_token_command_refuses_a_bad_ttl(tmp_path: Path, ttl: str) -> None:
+    profile = _profile(tmp_path, tmp_path / "issuer")
+    result = CliRunner().invoke(
+        app, ["token", str(profile), "--user", "ada", "--role", "user", "--ttl", ttl]
+    )
+    assert result.exit_code == 2
+    assert "--ttl" in result.stderr
+    assert result.stdout == ""
+
+
+def test_token_command_requires_a_role(tmp_path: Path) -> None:
+    profile = _profile(tmp_path, tmp_path / "issuer")
+    result = CliRunner().invoke(app, ["token", str(profile), "--user", "ada"])
+    assert result.exit_code == 2
+    assert "at least one --role is required" in result.stderr
+
+
+def test_token_command_reports_an_unusable_key_dir(tmp_path: Path) -> None:
+    (tmp_path / "issuer").write_text("")
+    profile = _profile(tmp_path, tmp_path / "issuer")
+    result = CliRunner().invoke(app, ["token", str(profile), "--user", "ada", "--role", "user"])
+    assert result.exit_code == 2
+    assert str(tmp_path / "issuer") in result.stderr
+    assert "identity.local_key_dir" in result.stderr
+    assert "Traceback" not in result.output
