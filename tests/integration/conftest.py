@@ -405,8 +405,8 @@ def keycloak_identity(base: str, realm_name: str = "sovereign") -> str:
         f"  provider: keycloak\n  issuer: {base}/realms/{realm_name}\n  realm: {realm_name}\n"
         "  users:\n"
         "    - name: alice\n      email: alice@example.org\n      roles: [user]\n"
-        "    - name: root\n      roles: [admin]\n"
-        "    - name: vera\n      roles: [viewer]\n"
+        "    - name: root\n      email: root@example.org\n      roles: [admin]\n"
+        "    - name: vera\n      email: vera@example.org\n      roles: [viewer]\n"
         f"  service_clients:\n    - name: {MEMORY_CLIENT}\n      roles: [service]\n"
     )
 

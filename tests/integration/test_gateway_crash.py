@@ -98,7 +98,8 @@ def test_sigterm_drains_in_flight_requests_and_seals_the_log(
         node.process.wait(timeout=30)
 
     assert results == [200]
-    assert node.process.returncode == 0
+    # uvicorn re-raises SIGTERM once it has drained and shut down cleanly.
+    assert node.process.returncode in (0, -signal.SIGTERM)
     records = node.records()
     assert any(r.get("action") == "chat" and r.get("status") == 200 for r in records)
     assert records[-1]["type"] == "checkpoint"

@@ -94,6 +94,7 @@ def attacker_server(attacker_key: rsa.RSAPrivateKey) -> Iterator[tuple[str, list
         yield f"http://127.0.0.1:{server.server_address[1]}", handler.hits
     finally:
         server.shutdown()
+        server.server_close()
 
 
 def _status(node: RunningGateway, token: str) -> tuple[int, str]:

@@ -42,7 +42,8 @@ def _oidc(refetch_interval: float = 60) -> OIDC:
 def _keys(tmp_path: Path, *kids: str) -> dict[str, Ed25519PrivateKey]:
     keys = {kid: Ed25519PrivateKey.generate() for kid in kids}
     entries = [
-        json.loads(OKPAlgorithm.to_jwk(key.public_key())) | {"kid": kid, "alg": "EdDSA", "use": "sig"}
+        json.loads(OKPAlgorithm.to_jwk(key.public_key()))
+        | {"kid": kid, "alg": "EdDSA", "use": "sig"}
         for kid, key in keys.items()
     ]
     (tmp_path / "jwks.json").write_text(json.dumps({"keys": entries}))
@@ -68,9 +69,7 @@ def _token(key: Ed25519PrivateKey, kid: str, **overrides: Any) -> str:
 
 
 def _authenticator(tmp_path: Path, refetch_interval: float = 60) -> OIDCAuthenticator:
-    return OIDCAuthenticator(
-        _oidc(refetch_interval), httpx.AsyncClient(), tmp_path / "jwks.json"
-    )
+    return OIDCAuthenticator(_oidc(refetch_interval), httpx.AsyncClient(), tmp_path / "jwks.json")
 
 
 def test_roles_come_from_realm_client_plain_roles_and_groups(tmp_path: Path) -> None:
@@ -105,8 +104,17 @@ def test_a_service_client_is_recognised_by_its_azp(tmp_path: Path) -> None:
         ({"exp": None}, "lacks the exp claim"),
         ({"sub": None}, "lacks the sub claim"),
     ],
-    ids=["expired", "nbf-future", "iat-future", "wrong-iss", "wrong-aud", "id-token",
-         "refresh-token", "no-exp", "no-sub"],
+    ids=[
+        "expired",
+        "nbf-future",
+        "iat-future",
+        "wrong-iss",
+        "wrong-aud",
+        "id-token",
+        "refresh-token",
+        "no-exp",
+        "no-sub",
+    ],
 )
 def test_bad_claims_are_refused(tmp_path: Path, overrides: dict[str, Any], message: str) -> None:
     keys = _keys(tmp_path, "k1")
@@ -159,7 +167,9 @@ def test_a_new_key_is_picked_up_and_a_removed_one_is_dropped(tmp_path: Path) -> 
 def test_an_es256_kid_cannot_verify_an_rs256_token(tmp_path: Path) -> None:
     keys = _keys(tmp_path, "k1")
     header_swapped = jwt.encode(
-        {"sub": "x"}, "irrelevant-secret-of-32-bytes-or-more!", algorithm="HS256",
+        {"sub": "x"},
+        "irrelevant-secret-of-32-bytes-or-more!",
+        algorithm="HS256",
         headers={"kid": "k1"},
     )
 

@@ -115,7 +115,10 @@ class IdentityUser(StrictModel):
     """A person the realm knows; passwords are never part of a profile."""
 
     name: DnsLabel
-    email: str | None = Field(default=None, pattern=r"^[^@\s]+@[^@\s]+$")
+    email: str = Field(
+        pattern=r"^[^@\s]+@[^@\s]+$",
+        description="Keycloak's user profile needs it before the user can sign in",
+    )
     roles: list[DnsLabel] = Field(min_length=1)
 
 

@@ -183,7 +183,9 @@ def _identity(profile: Profile) -> Iterator[Violation]:
                 )
     names = [user.name for user in identity.users]
     for index in _duplicates(names):
-        yield Violation(("identity", "users", index, "name"), f"user {names[index]!r} is listed twice")
+        yield Violation(
+            ("identity", "users", index, "name"), f"user {names[index]!r} is listed twice"
+        )
     if identity.provider == "local":
         if profile.kind != "personal":
             yield Violation(

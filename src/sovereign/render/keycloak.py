@@ -91,13 +91,13 @@ def realm(profile: Profile) -> dict[str, Any]:
         entry: dict[str, Any] = {
             "username": user.name,
             "enabled": True,
-            # Keycloak's default user profile requires both names before a first sign-in.
+            # Keycloak's default user profile requires names and e-mail before a first sign-in.
             "firstName": user.name,
             "lastName": identity.realm,
+            "email": user.email,
+            "emailVerified": True,
             "realmRoles": list(user.roles),
         }
-        if user.email is not None:
-            entry |= {"email": user.email, "emailVerified": True}
         users.append(entry)
     return {
         "realm": identity.realm,

@@ -7,7 +7,7 @@ left out) and `policy/data.json`, the one input both the embedded and the remote
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from sovereign.profile.model import Profile
@@ -19,6 +19,14 @@ GATEWAY_PACKAGE_DIR = "gateway"
 
 # Ordered lowest to highest: a caller cleared for a level sees it and everything below.
 CLASSIFICATIONS = ["public", "internal", "confidential", "secret"]
+# Administrators and the internal retrieval/embedding clients handle everything stored on
+# the node; every other role sees at most internal material.
+FULL_CLEARANCE_PERMISSIONS = frozenset({"admin", "embed", "query"})
+
+
+def clearance(permissions: Iterable[str]) -> str:
+    """The highest classification a role holding `permissions` may see."""
+    return "secret" if FULL_CLEARANCE_PERMISSIONS & set(permissions) else "internal"
 
 
 def bundle_dir(profile: Profile) -> Path:
@@ -41,6 +49,9 @@ def policy_data(profile: Profile) -> dict[str, object]:
                 "service_clients": sorted(client.name for client in identity.service_clients),
                 "dlp": {"mode": profile.policy.dlp},
                 "classifications": CLASSIFICATIONS,
+                "clearances": {
+                    role: clearance(perms) for role, perms in sorted(identity.roles.items())
+                },
             }
         }
     }

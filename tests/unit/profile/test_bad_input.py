@@ -287,14 +287,16 @@ RULES = [
     ),
     Case(
         "user-with-an-unknown-role",
-        personal("identity:\n  users:\n    - name: ada\n      roles: [root]\n"),
-        6,
+        personal("identity:\n  users:\n    - name: ada\n      email: a@b.c\n      roles: [root]\n"),
+        7,
         "identity.users[0].roles[0]",
         "role 'root' is not in identity.roles",
     ),
     Case(
         "plain-http-issuer-off-loopback",
-        personal("identity:\n  provider: keycloak\n  issuer: http://keycloak.lan/realms/sovereign\n"),
+        personal(
+            "identity:\n  provider: keycloak\n  issuer: http://keycloak.lan/realms/sovereign\n"
+        ),
         5,
         "identity.issuer",
         "the issuer must use https unless it is on loopback",

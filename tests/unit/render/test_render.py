@@ -49,9 +49,12 @@ def test_render_writes_files_and_a_manifest_of_their_digests(tmp_path: Path) -> 
     )
     assert result.exit_code == 0, result.output
     manifest = json.loads((out / MANIFEST).read_text())
-    assert {"profile.yaml", "gateway/config.json", "policy/data.json", "keycloak/realm.json"} <= set(
-        manifest["files"]
-    )
+    assert {
+        "profile.yaml",
+        "gateway/config.json",
+        "policy/data.json",
+        "keycloak/realm.json",
+    } <= set(manifest["files"])
     assert {path for path in manifest["files"] if path.startswith("policy/gateway/")} == {
         f"policy/gateway/{rego.name}"
         for rego in (ROOT / "policies" / "gateway").glob("*.rego")
