@@ -215,7 +215,7 @@ def _print_examples(profile: Profile, file: Path | None, base: str) -> None:
     model = profile.models[0].aliases[0] if profile.models[0].aliases else profile.models[0].name
     if profile.identity.provider == "local":
         where = "" if file is None else f" {file}"
-        token = f"TOKEN=$(uv run sovereign token{where} --user $USER --role user)"
+        token = f"TOKEN=$(uv run sovereign token{where} --user ada --role user)"
     else:
         token = f"TOKEN=...  # an access token from {profile.identity.issuer}"
     console.print(
