@@ -167,11 +167,13 @@ models:
     aliases: [gpt-4o-mini, default]
     engine: upstream
     source: {upstream}
+    sha256: {"a" * 64}
     context_length: 4096
     allowed_roles: [admin, user]
   - name: restricted-1
     engine: upstream
     source: {upstream}
+    sha256: {"b" * 64}
     context_length: 4096
     allowed_roles: [admin]
 memory:
