@@ -487,7 +487,7 @@ def table(points: list[Point], markdown: bool) -> list[str]:
         base = by.get(("direct", p.rate))
         added = ["", ""]
         if base is not None and p.target != "direct":
-            added = [f"{p.p50_ms - base.p50_ms:+.2f}", f"{p.p99_ms - base.p99_ms:+.2f}"]
+            added = [f"{p.p50_ms - base.p50_ms:+,.2f}", f"{p.p99_ms - base.p99_ms:+,.2f}"]
         rows.append(
             [
                 f"{p.rate:,}",

@@ -11,16 +11,15 @@ import hashlib
 import json
 import os
 import secrets
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import jwt
-from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from sovereign_gateway.keyfiles import KeyFileError, load_or_create_private_key, write_atomic
 
 SIGNING_KEY = "signing-key.pem"
 JWKS = "jwks.json"
@@ -56,11 +55,12 @@ def ensure_keys(key_dir: Path) -> LocalIssuer:
         if not key_dir.is_dir():
             key_dir.mkdir(mode=0o700, parents=True)
             os.chmod(key_dir, 0o700)  # mkdir's mode is filtered by the umask
-        if not key_path.exists():
-            _create_key(key_path)
-        private_key = _load_key(key_path)
+        # Racing first runs all end up with the one key that won, so the JWKS matches it.
+        private_key = load_or_create_private_key(key_path)
         jwk = public_jwk(private_key)
         _ensure_jwks(key_dir / JWKS, jwk)
+    except KeyFileError as exc:
+        raise IssuerError(str(exc)) from None
     except OSError as exc:
         where = exc.filename or key_dir
         raise IssuerError(f"issuer keys: cannot use {where}: {exc.strerror}") from None
@@ -105,35 +105,6 @@ def mint(
     )
 
 
-def _create_key(key_path: Path) -> None:
-    pem = Ed25519PrivateKey.generate().private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    temporary = _write_temporary(key_path, pem, 0o600)
-    try:
-        # link, unlike replace, never clobbers: when two first runs race, one key wins
-        # and both go on with it, so the JWKS always matches the key that signs.
-        os.link(temporary, key_path)
-    except FileExistsError:
-        pass
-    finally:
-        temporary.unlink()
-    _fsync_directory(key_path.parent)
-
-
-def _load_key(key_path: Path) -> Ed25519PrivateKey:
-    data = key_path.read_bytes()
-    try:
-        key = serialization.load_pem_private_key(data, password=None)
-    except (ValueError, TypeError, UnsupportedAlgorithm):
-        raise IssuerError(f"{key_path} is not an unencrypted PEM private key") from None
-    if not isinstance(key, Ed25519PrivateKey):
-        raise IssuerError(f"{key_path} is not an Ed25519 private key")
-    return key
-
-
 def _ensure_jwks(path: Path, jwk: dict[str, str]) -> None:
     # The private key is the source of truth; the JWKS is derived from it, so a missing,
     # unreadable or stale one is rewritten rather than refused.
@@ -144,38 +115,7 @@ def _ensure_jwks(path: Path, jwk: dict[str, str]) -> None:
             return
     except (OSError, ValueError):
         pass
-    text = json.dumps({"keys": [jwk]}, indent=2) + "\n"
-    temporary = _write_temporary(path, text.encode(), 0o644)
-    try:
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    _fsync_directory(path.parent)
-
-
-def _write_temporary(path: Path, data: bytes, mode: int) -> Path:
-    """A fully written, fsynced temp file next to `path`, ready to be renamed into place."""
-    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    temporary = Path(name)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            os.fchmod(file.fileno(), mode)
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    return temporary
-
-
-def _fsync_directory(directory: Path) -> None:
-    descriptor = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
+    write_atomic(path, (json.dumps({"keys": [jwk]}, indent=2) + "\n").encode(), 0o644)
 
 
 def _b64url(data: bytes) -> str:

@@ -122,7 +122,7 @@ def test_an_invalid_key_file_exits_2(tmp_path: Path) -> None:
         app, ["audit", "verify", str(tmp_path / "log"), "--public-key", str(bad)]
     )
     assert result.exit_code == 2
-    assert result.stderr.strip() == f"error: {bad}: not a PEM public key"
+    assert result.stderr.strip() == f"error: {bad} is not a PEM public key"
 
 
 def test_an_unreadable_key_file_exits_2(tmp_path: Path) -> None:
@@ -132,7 +132,7 @@ def test_an_unreadable_key_file_exits_2(tmp_path: Path) -> None:
         app, ["audit", "verify", str(tmp_path / "log"), "--public-key", str(missing)]
     )
     assert result.exit_code == 2
-    assert result.stderr.startswith(f"error: {missing}: cannot read")
+    assert result.stderr.startswith(f"error: cannot read {missing}")
 
 
 def test_a_directory_without_a_log_exits_2(tmp_path: Path) -> None:

@@ -25,9 +25,9 @@ from sovereign_gateway.audit import (
     AuditCorrupted,
     AuditLog,
     AuditUnavailable,
-    load_or_create_signing_key,
     verify,
 )
+from sovereign_gateway.keyfiles import load_or_create_private_key
 
 T = TypeVar("T")
 ZERO = "0" * 64
@@ -331,10 +331,10 @@ def test_open_refuses_a_signing_key_that_is_not_the_logs(tmp_path: Path) -> None
 
 def test_signing_key_is_created_once_0600_in_a_0700_directory(tmp_path: Path) -> None:
     path = tmp_path / "keys" / "audit.key"
-    key = load_or_create_signing_key(path)
+    key = load_or_create_private_key(path)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
-    again = load_or_create_signing_key(path)
+    again = load_or_create_private_key(path)
     raw = serialization.Encoding.Raw, serialization.PublicFormat.Raw
     assert again.public_key().public_bytes(*raw) == key.public_key().public_bytes(*raw)
     assert [p.name for p in path.parent.iterdir()] == ["audit.key"]

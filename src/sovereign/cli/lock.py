@@ -6,17 +6,15 @@ a manifest does not hold (exit 1) or cannot be checked (exit 2).
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import ValidationError
 from sovereign_gateway.config import GatewayConfig, load_config, resolve
+from sovereign_gateway.keyfiles import KeyFileError, load_private_key, write_atomic
 from sovereign_gateway.lock import (
     LockError,
     LockFacts,
@@ -65,8 +63,8 @@ def keygen(
     )
     try:
         out.mkdir(parents=True, exist_ok=True)
-        _write_atomic(out / PRIVATE_KEY, private_pem, 0o600)
-        _write_atomic(out / PUBLIC_KEY, public_pem, 0o644)
+        write_atomic(out / PRIVATE_KEY, private_pem, 0o600)
+        write_atomic(out / PUBLIC_KEY, public_pem, 0o644)
     except OSError as exc:
         raise _fail(f"cannot write keys into {out}: {exc.strerror}") from None
     console.print(f"{out / PRIVATE_KEY}  [dim]private, keep it off the node[/dim]")
@@ -85,7 +83,10 @@ def create(
     bundle = resolve(config_path, config.policy.bundle)
     if not bundle.is_dir():
         raise _fail(f"{config_path}: policy.bundle {bundle} is not a directory")
-    private_key = _load_private_key(key)
+    try:
+        private_key = load_private_key(key)
+    except KeyFileError as exc:
+        raise _fail(str(exc)) from None
     facts = _facts(config_path, config)
     try:
         manifest = create_manifest(
@@ -95,7 +96,7 @@ def create(
         raise _fail(f"{config_path}: {exc}") from None
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(out, manifest, 0o644)
+        write_atomic(out, manifest, 0o644)
     except OSError as exc:
         raise _fail(f"cannot write {out}: {exc.strerror}") from None
     console.print(f"{out}  [dim]locks {len(facts.models)} model(s), policy and config[/dim]")
@@ -143,37 +144,3 @@ def _facts(config_path: Path, config: GatewayConfig) -> LockFacts:
         return facts_for(config_path, config)
     except OSError as exc:
         raise _fail(f"cannot read {exc.filename or config_path}: {exc.strerror}") from None
-
-
-def _load_private_key(path: Path) -> Ed25519PrivateKey:
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise _fail(f"cannot read {path}: {exc.strerror}") from None
-    try:
-        key = serialization.load_pem_private_key(data, password=None)
-    except (ValueError, TypeError, UnsupportedAlgorithm):
-        raise _fail(f"{path} is not an unencrypted PEM private key") from None
-    if not isinstance(key, Ed25519PrivateKey):
-        raise _fail(f"{path} is not an Ed25519 private key")
-    return key
-
-
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    """Write via a temp file in the same directory, so readers see all of it or none."""
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            os.fchmod(file.fileno(), mode)
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)

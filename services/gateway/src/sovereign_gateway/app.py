@@ -25,7 +25,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from sovereign_gateway import __version__
-from sovereign_gateway.audit import AuditLog, load_or_create_signing_key
+from sovereign_gateway.audit import AuditLog
 from sovereign_gateway.authentication import (
     AuthError,
     KeySourceError,
@@ -34,6 +34,7 @@ from sovereign_gateway.authentication import (
 )
 from sovereign_gateway.config import GatewayConfig, ModelRoute, resolve
 from sovereign_gateway.errors import ApiError
+from sovereign_gateway.keyfiles import load_or_create_private_key
 from sovereign_gateway.lock import LockStatus, LockWatcher, facts_for
 from sovereign_gateway.metrics import CONTENT_TYPE, Metrics
 from sovereign_gateway.policy import Decision, PolicyEngine, PolicyUnavailable, create_engine
@@ -105,7 +106,7 @@ class Gateway:
         self.policy_error = "not started"
         self.audit = AuditLog(
             resolve(config_path, config.audit.path),
-            load_or_create_signing_key(resolve(config_path, config.audit.signing_key)),
+            load_or_create_private_key(resolve(config_path, config.audit.signing_key)),
             checkpoint_records=config.audit.checkpoint_records,
             checkpoint_interval_seconds=config.audit.checkpoint_interval_seconds,
             segment_max_bytes=config.audit.segment_max_bytes,
@@ -371,12 +372,15 @@ class Gateway:
         url = f"{self._upstream_url(route)}/chat/completions"
         if body.stream:
             return await self._stream(call, url, payload)
+        upstream = await self._send(self.http.build_request("POST", url, json=payload))
         try:
-            upstream = await self.http.post(url, json=payload)
+            await upstream.aread()
         except httpx.TimeoutException:
             raise ApiError(504, "the inference backend timed out", "upstream_timeout") from None
         except httpx.HTTPError:
-            raise ApiError(502, "the inference backend is unreachable", "upstream_error") from None
+            raise ApiError(502, "the inference backend failed", "upstream_error") from None
+        finally:
+            await upstream.aclose()
         if upstream.status_code >= 500:
             raise ApiError(502, "the inference backend failed", "upstream_error")
         if self.config.audit.capture_content:
@@ -387,14 +391,17 @@ class Gateway:
             media_type=upstream.headers.get("content-type", "application/json"),
         )
 
-    async def _stream(self, call: Call, url: str, payload: dict[str, Any]) -> Response:
-        request = self.http.build_request("POST", url, json=payload)
+    async def _send(self, request: httpx.Request) -> httpx.Response:
+        """Send with the body left unread, so a stream can be relayed as it arrives."""
         try:
-            upstream = await self.http.send(request, stream=True)
+            return await self.http.send(request, stream=True)
         except httpx.TimeoutException:
             raise ApiError(504, "the inference backend timed out", "upstream_timeout") from None
         except httpx.HTTPError:
             raise ApiError(502, "the inference backend is unreachable", "upstream_error") from None
+
+    async def _stream(self, call: Call, url: str, payload: dict[str, Any]) -> Response:
+        upstream = await self._send(self.http.build_request("POST", url, json=payload))
         if upstream.status_code != 200:
             content = await upstream.aread()
             await upstream.aclose()

@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import re
-import secrets
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -24,6 +23,9 @@ from typing import Any, Literal
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from sovereign_gateway import keyfiles
+from sovereign_gateway.keyfiles import fsync_dir, write_atomic, write_new
 
 ZERO_HASH = "0" * 64
 HEAD_FILE = "HEAD.json"
@@ -205,67 +207,10 @@ def _segments(directory: Path) -> list[tuple[int, Path]]:
 # -- files ----------------------------------------------------------------------------
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
-
-
-def _write_new(path: Path, data: bytes, mode: int) -> None:
-    """Create `path` (it must not exist), write and fsync it; the caller fsyncs the dir."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
-    try:
-        _write_all(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _temp_beside(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-
-
-def _atomic_write(path: Path, data: bytes, mode: int) -> None:
-    temp = _temp_beside(path)
-    try:
-        _write_new(temp, data, mode)
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
-
-
-def load_or_create_signing_key(path: Path) -> Ed25519PrivateKey:
-    """The Ed25519 key in `path` (PEM PKCS8); created 0600, atomically, when missing."""
-    if not path.exists():
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        pem = Ed25519PrivateKey.generate().private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-        temp = _temp_beside(path)
-        try:
-            _write_new(temp, pem, 0o600)
-            # link, unlike rename, fails if another process created the key meanwhile;
-            # then that key wins and is loaded below.
-            with contextlib.suppress(FileExistsError):
-                os.link(temp, path)
-        finally:
-            temp.unlink(missing_ok=True)
-        _fsync_dir(path.parent)
-    key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    if not isinstance(key, Ed25519PrivateKey):
-        raise ValueError(f"{path}: not an Ed25519 private key")
-    return key
 
 
 def _public_pem(public_key: Ed25519PublicKey) -> bytes:
@@ -277,16 +222,9 @@ def _public_pem(public_key: Ed25519PublicKey) -> bytes:
 def load_public_key(path: Path) -> Ed25519PublicKey:
     """The Ed25519 public key in PEM file `path`; AuditInputError when it is not one."""
     try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise AuditInputError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    try:
-        key = serialization.load_pem_public_key(data)
-    except ValueError:
-        raise AuditInputError(f"{path}: not a PEM public key") from None
-    if not isinstance(key, Ed25519PublicKey):
-        raise AuditInputError(f"{path}: not an Ed25519 public key")
-    return key
+        return keyfiles.load_public_key(path)
+    except keyfiles.KeyFileError as exc:
+        raise AuditInputError(str(exc)) from None
 
 
 def _head_bytes(segment: str, checkpoint: Mapping[str, Any]) -> bytes:
@@ -572,13 +510,13 @@ class AuditLog:
         if checkpoint is not None and (head_seq is None or checkpoint["seq"] > head_seq):
             # The crash came between a checkpoint's fsync and HEAD.json's replacement.
             where = path.name if state is scan else segments[-2][1].name
-            _atomic_write(directory / HEAD_FILE, _head_bytes(where, checkpoint), 0o600)
+            write_atomic(directory / HEAD_FILE, _head_bytes(where, checkpoint), 0o600)
 
     def _ensure_public_key(self) -> None:
         path = self._directory / PUBLIC_KEY_FILE
         public_key = self._key.public_key()
         if not path.exists():
-            _atomic_write(path, _public_pem(public_key), 0o644)
+            write_atomic(path, _public_pem(public_key), 0o644)
             return
         try:
             on_disk = load_public_key(path)
@@ -622,8 +560,8 @@ class AuditLog:
         while f"{path.name}.torn-{n}" in taken:
             n += 1
         aside = path.with_name(f"{path.name}.torn-{n}")
-        _write_new(aside, scan.torn, 0o600)
-        _fsync_dir(self._directory)
+        write_new(aside, scan.torn, 0o600)
+        fsync_dir(self._directory)
         with path.open("r+b") as segment:
             segment.truncate(scan.good_bytes)
             os.fsync(segment.fileno())
@@ -667,7 +605,7 @@ class AuditLog:
         self._fd_segment = number
         if old is not None:
             os.close(old)
-        _fsync_dir(self._directory)
+        fsync_dir(self._directory)
 
     # -- sealing (event loop thread) --------------------------------------------------
 
@@ -770,7 +708,7 @@ class AuditLog:
         if head is not None:
             try:
                 await asyncio.to_thread(
-                    _atomic_write, self._directory / HEAD_FILE, _head_bytes(*head), 0o600
+                    write_atomic, self._directory / HEAD_FILE, _head_bytes(*head), 0o600
                 )
             except OSError as exc:
                 # Without HEAD.json a cut tail would go unnoticed; stop taking records.

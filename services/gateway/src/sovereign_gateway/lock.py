@@ -18,13 +18,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
     Ed25519PublicKey,
 )
 
+from sovereign_gateway import keyfiles
 from sovereign_gateway.config import ComplianceLock, GatewayConfig, resolve
 
 SCHEMA_VERSION = 1
@@ -131,16 +132,9 @@ def create_manifest(
 
 def load_public_key(path: Path) -> Ed25519PublicKey:
     try:
-        key = serialization.load_pem_public_key(path.read_bytes())
-    except OSError as exc:
-        raise LockError(
-            "key_unreadable", f"cannot read public key {path}: {exc.strerror}"
-        ) from None
-    except (ValueError, UnsupportedAlgorithm):
-        raise LockError("key_unreadable", f"{path} is not a PEM public key") from None
-    if not isinstance(key, Ed25519PublicKey):
-        raise LockError("key_unreadable", f"{path} is not an Ed25519 public key")
-    return key
+        return keyfiles.load_public_key(path)
+    except keyfiles.KeyFileError as exc:
+        raise LockError("key_unreadable", str(exc)) from None
 
 
 def load_verified(manifest_path: Path, public_key_path: Path) -> dict[str, Any]:
