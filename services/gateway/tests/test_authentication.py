@@ -176,3 +176,34 @@ def test_an_es256_kid_cannot_verify_an_rs256_token(tmp_path: Path) -> None:
     with pytest.raises(AuthError, match="algorithm 'HS256' is not accepted"):
         asyncio.run(_authenticator(tmp_path).authenticate(f"Bearer {header_swapped}"))
     assert keys
+
+
+def test_a_remembered_token_is_dropped_with_its_key(tmp_path: Path) -> None:
+    old = _keys(tmp_path, "old")
+    authenticator = _authenticator(tmp_path, refetch_interval=0)
+    token = f"Bearer {_token(old['old'], 'old')}"
+
+    async def rotate() -> None:
+        await authenticator.authenticate(token)
+        await authenticator.authenticate(token)
+        assert authenticator.keys.fetches == 1
+        new = _keys(tmp_path, "new")
+        await authenticator.authenticate(f"Bearer {_token(new['new'], 'new')}")
+        with pytest.raises(AuthError, match="unknown key"):
+            await authenticator.authenticate(token)
+
+    asyncio.run(rotate())
+
+
+def test_a_remembered_token_still_expires(tmp_path: Path) -> None:
+    keys = _keys(tmp_path, "k1")
+    authenticator = _authenticator(tmp_path)
+    token = f"Bearer {_token(keys['k1'], 'k1', exp=int(time.time()) - 29)}"
+
+    async def twice() -> None:
+        await authenticator.authenticate(token)
+        await asyncio.sleep(1.5)
+        with pytest.raises(AuthError, match="expired"):
+            await authenticator.authenticate(token)
+
+    asyncio.run(twice())

@@ -270,6 +270,7 @@ class Gateway:
     async def _decide(self, call: Call, route: ModelRoute | None, texts: list[str]) -> Decision:
         decision = await self._ask(call.principal, call.action, route, texts, call.resource)
         call.decision = decision
+        call.engine = self.config.policy.engine
         if not decision.allow:
             reasons = "; ".join(decision.reasons) or "no rule allows it"
             raise ApiError(403, f"request denied by policy: {reasons}", "policy_denied")

@@ -29,6 +29,9 @@ _KEY_TYPES = {"RS256": "RSA", "ES256": "EC", "EdDSA": "OKP"}
 # RFC 9068 tokens say so in the header instead.
 _ACCESS_TOKEN_TYP = "Bearer"  # noqa: S105 (a token type, not a secret)
 _ACCESS_TOKEN_HEADER_TYP = "at+jwt"  # noqa: S105
+# Verified tokens are remembered (a signature check costs more than the rest of the
+# request's auth); bounded so a flood of distinct tokens cannot grow memory.
+VERIFIED_CACHE_SIZE = 4096
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,9 @@ class JWKSCache:
                 return found if fresh else None
             await self.refresh()
             return self._keys.get(kid)
+
+    def holds(self, kid: str) -> bool:
+        return kid in self._keys
 
     async def refresh(self) -> None:
         self._attempted_at = time.monotonic()
@@ -147,6 +153,9 @@ class OIDCAuthenticator:
     def __init__(self, oidc: OIDC, client: httpx.AsyncClient, jwks_file: Path | None) -> None:
         self._oidc = oidc
         self.keys = JWKSCache(oidc, client, jwks_file)
+        # token -> (principal, kid, exp): reused only while unexpired and its key is still
+        # in the issuer's JWKS, so key removal still revokes at the next JWKS refresh.
+        self._verified: dict[str, tuple[Principal, str, float]] = {}
 
     async def ready(self) -> tuple[bool, str]:
         try:
@@ -157,6 +166,13 @@ class OIDCAuthenticator:
 
     async def authenticate(self, authorization: str | None) -> Principal:
         token = _bearer_token(authorization)
+        remembered = self._verified.get(token)
+        if remembered is not None:
+            known, signed_by, expires = remembered
+            fresh = time.time() < expires + self._oidc.clock_skew_seconds
+            if fresh and self.keys.holds(signed_by):
+                return known
+            del self._verified[token]
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
@@ -175,7 +191,11 @@ class OIDCAuthenticator:
         typ = claims.get("typ")
         if typ != _ACCESS_TOKEN_TYP and header.get("typ") != _ACCESS_TOKEN_HEADER_TYP:
             raise AuthError("invalid_token", "the token is not an access token")
-        return self._principal(claims)
+        principal = self._principal(claims)
+        if len(self._verified) >= VERIFIED_CACHE_SIZE:
+            del self._verified[next(iter(self._verified))]
+        self._verified[token] = (principal, kid, float(claims["exp"]))
+        return principal
 
     def _decode(self, token: str, key: PyJWK, alg: str) -> dict[str, Any]:
         try:
