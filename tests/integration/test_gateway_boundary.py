@@ -22,8 +22,12 @@ SSN = "078-05-1120"
 PROMPT_WITH_SSN = f"my SSN is {SSN}, please remember it"
 
 
-def _events(gateway: RunningGateway, action: str | None = None) -> list[dict[str, Any]]:
+def _events(
+    gateway: RunningGateway, action: str | None = None, *, admitted: bool = False
+) -> list[dict[str, Any]]:
+    """The request records, without the pre-work "admitted" ones unless asked for."""
     found = [r for r in gateway.records() if r.get("type") == "event" and "resource" in r]
+    found = [r for r in found if admitted or r.get("phase") != "admitted"]
     return [r for r in found if action is None or r.get("action") == action]
 
 
@@ -53,9 +57,11 @@ def test_chat_is_answered_and_audited_without_plaintext(node: RunningGateway) ->
     assert status == 200, body
     assert body["choices"][0]["message"]["content"] == f"echo: {prompt}"
     assert body["model"] == "echo-1"
-    chats = _events(node, "chat")
-    assert len(chats) == 1
-    record = chats[0]
+    admitted, record = _events(node, "chat", admitted=True)
+    assert admitted["phase"] == "admitted"
+    assert admitted["status"] is None
+    assert admitted["decision"]["allow"] is True
+    assert admitted["seq"] < record["seq"]
     assert record["status"] == 200
     assert record["actor"]["sub"] == "alice"
     assert record["actor"]["roles"] == ["user"]
@@ -302,8 +308,8 @@ def test_streaming_chat_keeps_sse_framing_and_audits_start_and_end(node: Running
     assert events[-1] == "data: [DONE]"
     words = [json.loads(e[6:])["choices"][0]["delta"].get("content", "") for e in events[:-1]]
     assert "".join(words) == "echo: a b c"
-    phases = [r["phase"] for r in _events(node, "chat")]
-    assert phases == ["stream_start", "stream_end"]
+    phases = [r["phase"] for r in _events(node, "chat", admitted=True)]
+    assert phases == ["admitted", "stream_start", "stream_end"]
 
 
 def test_the_official_openai_client_works_unmodified(node: RunningGateway) -> None:

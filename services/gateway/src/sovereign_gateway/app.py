@@ -51,6 +51,9 @@ from sovereign_gateway.schemas import (
 log = logging.getLogger("sovereign_gateway")
 
 UPSTREAM_HEALTH_TIMEOUT_S = 2.0
+# Actions that start compute: their allow decision is made durable before the work starts,
+# and the outcome gets a second record when the response is ready.
+ADMITTED_BEFORE_WORK = frozenset({"chat"})
 # Headers an upstream may not pass back through the gateway.
 _HOP_BY_HOP = {
     "connection",
@@ -161,6 +164,8 @@ class Gateway:
             await self._require_lock()
             if self.config.audit.capture_content and texts:
                 call.content["request"] = texts
+            if action in ADMITTED_BEFORE_WORK:
+                await self._admit(call)
             response = await handler(call, body, route, decision)
         except ApiError as error:
             call.refusal = error.code
@@ -170,6 +175,18 @@ class Gateway:
             return response
         call.response_digest = hashlib.sha256(bytes(response.body)).hexdigest()
         return await self._audited(call, response)
+
+    async def _admit(self, call: Call) -> None:
+        """Make the decision durable before any compute starts (trust boundary 1)."""
+        try:
+            await self.audit.append(self._record(call, None, phase="admitted"))
+        except Exception:
+            log.exception("audit append failed; refusing the request")
+            self.metrics.audit_failures.inc()
+            raise ApiError(
+                503, "the audit log is unavailable; the request was not served", "audit_unavailable"
+            ) from None
+        self.metrics.audit_records.inc()
 
     async def _audited(self, call: Call, response: Response) -> Response:
         try:
@@ -189,7 +206,7 @@ class Gateway:
         self.metrics.requests.labels(call.resource, str(status)).inc()
         self.metrics.latency.labels(call.resource).observe(time.perf_counter() - call.started)
 
-    def _record(self, call: Call, status: int, phase: str = "complete") -> dict[str, Any]:
+    def _record(self, call: Call, status: int | None, phase: str = "complete") -> dict[str, Any]:
         principal = call.principal
         decision = call.decision
         record: dict[str, Any] = {
