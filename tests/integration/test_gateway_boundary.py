@@ -353,3 +353,17 @@ def test_the_audit_dir_is_private(node: RunningGateway) -> None:
     node.chat("hi", node.token())
 
     assert os.stat(node.audit_dir).st_mode & 0o077 == 0
+
+
+def test_an_unreachable_engine_is_502_and_reported_in_health(
+    gateway_factory: GatewayFactory,
+) -> None:
+    node = gateway_factory(upstream="http://127.0.0.1:9/v1")
+    status, body = node.chat("hi", node.token())
+    health = json.loads(node.call("GET", "/health")[2])
+
+    assert status == 502
+    assert _error(body)["code"] == "upstream_error"
+    assert _events(node, "chat")[-1]["status"] == 502
+    assert health["upstreams"]["echo-1"]["ready"] is False
+    assert health["ready"] is True
