@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
+import aiohttp
 from sovereign_gateway.policy import EmbeddedEngine, RemoteEngine
 
 from sovereign import tools
@@ -120,8 +120,9 @@ async def run(seconds: float) -> None:
         interpreted = EmbeddedEngine(bundle, DECISION, compiled=False)
         decision = await embedded.decide(big)
         opa, url = start_opa(bundle)
-        client = httpx.AsyncClient(trust_env=False)  # one keep-alive connection, reused
-        remote = RemoteEngine(url, DECISION, 2.0, client=client)
+        # One keep-alive connection, reused, as the gateway's engine does.
+        session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1), trust_env=False)
+        remote = RemoteEngine(url, DECISION, 2.0, session=session)
         try:
             assert await remote.decide(big) == decision, "the engines disagree"
             results = {
@@ -138,7 +139,7 @@ async def run(seconds: float) -> None:
                 ),
             }
         finally:
-            await client.aclose()
+            await session.close()
             opa.terminate()
             opa.wait(timeout=10)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal, Protocol
 
-import httpx
+import aiohttp
 import regorus  # type: ignore[import-untyped]  # the binding ships no type information
 
 # What regorus (program and interpreter alike) answers for a rule with no value.
@@ -127,7 +127,7 @@ def _regorus_reason(exc: BaseException) -> str:
 
 
 def _refused(exc: BaseException) -> bool:
-    """httpx wraps the socket error a few levels down ("All connection attempts failed")."""
+    """The client may wrap the socket error a few levels down."""
     seen: BaseException | None = exc
     for _ in range(8):
         if seen is None:
@@ -241,51 +241,50 @@ class RemoteEngine:
         opa_url: str,
         decision_path: str,
         timeout_seconds: float,
-        client: httpx.AsyncClient | None = None,
+        session: aiohttp.ClientSession | None = None,
     ) -> None:
         base = opa_url.rstrip("/")
         self._decision_url = f"{base}/v1/data/{decision_path.strip('/')}"
         self._health_url = f"{base}/health"
         self._timeout = timeout_seconds
-        self._owns_client = client is None
-        self._client = (
-            client
-            if client is not None
-            else httpx.AsyncClient(
-                timeout=timeout_seconds,
-                trust_env=False,
-                limits=httpx.Limits(max_connections=100, max_keepalive_connections=20),
-            )
-        )
+        self._owns_session = session is None
+        # aiohttp rather than httpx: about 0.1 ms of CPU per call against 1.8 ms here.
+        # Created on first use, since a session belongs to the running event loop.
+        self._session = session
 
-    async def _request(self, method: str, url: str, body: bytes | None = None) -> httpx.Response:
+    async def _request(self, method: str, url: str, body: bytes | None = None) -> tuple[int, bytes]:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=100), trust_env=False
+            )
         headers = {"content-type": "application/json"} if body is not None else None
         try:
-            # httpx times each phase; the outer deadline also bounds a server that trickles.
-            async with asyncio.timeout(self._timeout):
-                return await self._client.request(
-                    method, url, content=body, headers=headers, timeout=self._timeout
-                )
-        except (TimeoutError, httpx.TimeoutException):
+            # One deadline for connect, send and a server that trickles its answer.
+            async with (
+                asyncio.timeout(self._timeout),
+                self._session.request(method, url, data=body, headers=headers) as response,
+            ):
+                return response.status, await response.read()
+        except TimeoutError:
             raise PolicyUnavailable(
                 f"policy engine timed out after {self._timeout:.1f} s"
             ) from None
-        except httpx.ConnectError as exc:
+        except aiohttp.ClientConnectorError as exc:
             raise PolicyUnavailable(
                 "connection refused" if _refused(exc) else "cannot connect to the policy engine"
             ) from None
-        except httpx.HTTPError as exc:
+        except aiohttp.ClientError as exc:
             raise PolicyUnavailable(
                 f"policy engine request failed ({type(exc).__name__})"
             ) from None
 
     async def _query(self, input: Mapping[str, Any]) -> object:
         body = ('{"input":' + _input_json(input) + "}").encode()
-        response = await self._request("POST", self._decision_url, body)
-        if response.status_code != 200:
-            raise PolicyUnavailable(f"policy engine answered HTTP {response.status_code}")
+        status, content = await self._request("POST", self._decision_url, body)
+        if status != 200:
+            raise PolicyUnavailable(f"policy engine answered HTTP {status}")
         try:
-            answer = response.json()
+            answer = json.loads(content)
         except ValueError:
             raise _malformed("the response is not JSON") from None
         # OPA leaves "result" out when the rule is undefined, e.g. no policy is loaded.
@@ -298,9 +297,9 @@ class RemoteEngine:
 
     async def ready(self) -> tuple[bool, str]:
         try:
-            response = await self._request("GET", self._health_url)
-            if response.status_code != 200:
-                return False, f"OPA /health answered HTTP {response.status_code}"
+            status, _ = await self._request("GET", self._health_url)
+            if status != 200:
+                return False, f"OPA /health answered HTTP {status}"
             # Healthy but without the policy would refuse every request: not ready.
             await self.decide({})
         except PolicyUnavailable as exc:
@@ -308,8 +307,8 @@ class RemoteEngine:
         return True, f"OPA at {self._health_url.removesuffix('/health')} decides"
 
     async def aclose(self) -> None:
-        if self._owns_client:
-            await self._client.aclose()
+        if self._owns_session and self._session is not None:
+            await self._session.close()
 
 
 def create_engine(
