@@ -207,3 +207,23 @@ def test_a_remembered_token_still_expires(tmp_path: Path) -> None:
             await authenticator.authenticate(token)
 
     asyncio.run(twice())
+
+
+def test_health_checks_reuse_fresh_keys(tmp_path: Path) -> None:
+    _keys(tmp_path, "k1")
+    authenticator = _authenticator(tmp_path)
+
+    async def poll() -> list[tuple[bool, str]]:
+        return [await authenticator.ready() for _ in range(5)]
+
+    answers = asyncio.run(poll())
+
+    assert all(ready for ready, _ in answers)
+    assert authenticator.keys.fetches == 1
+
+
+def test_health_reports_an_unreadable_jwks(tmp_path: Path) -> None:
+    ready, detail = asyncio.run(_authenticator(tmp_path).ready())
+
+    assert ready is False
+    assert "cannot read the local JWKS" in detail

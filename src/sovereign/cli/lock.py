@@ -26,7 +26,7 @@ from sovereign_gateway.lock import (
 )
 
 from sovereign.cli import app
-from sovereign.cli.output import EXIT_BAD_INPUT, EXIT_FAILED, console, errors
+from sovereign.cli.output import EXIT_FAILED, console, errors, fail
 
 lock_app = typer.Typer(
     help="Create and verify the signed compliance lock of a rendered node.",
@@ -39,11 +39,6 @@ PUBLIC_KEY = "lock.pub"
 CONFIG = Path("gateway") / "config.json"
 
 
-def _fail(message: str, code: int = EXIT_BAD_INPUT) -> typer.Exit:
-    errors.print(f"error: {message}", markup=False)
-    return typer.Exit(code)
-
-
 @lock_app.command()
 def keygen(
     out: Annotated[Path, typer.Option("--out", "-o", help="directory for lock.key and lock.pub")],
@@ -51,7 +46,7 @@ def keygen(
     """Write a new Ed25519 signing key (lock.key, 0600) and its public key (lock.pub)."""
     for name in (PRIVATE_KEY, PUBLIC_KEY):
         if (out / name).exists():
-            raise _fail(f"refusing to overwrite {out / name}; move it away or choose another --out")
+            raise fail(f"refusing to overwrite {out / name}; move it away or choose another --out")
     key = Ed25519PrivateKey.generate()
     private_pem = key.private_bytes(
         serialization.Encoding.PEM,
@@ -66,7 +61,7 @@ def keygen(
         write_atomic(out / PRIVATE_KEY, private_pem, 0o600)
         write_atomic(out / PUBLIC_KEY, public_pem, 0o644)
     except OSError as exc:
-        raise _fail(f"cannot write keys into {out}: {exc.strerror}") from None
+        raise fail(f"cannot write keys into {out}: {exc.strerror}") from None
     console.print(f"{out / PRIVATE_KEY}  [dim]private, keep it off the node[/dim]")
     console.print(f"{out / PUBLIC_KEY}  [dim]key id {key_id(key.public_key())[:16]}[/dim]")
 
@@ -82,23 +77,23 @@ def create(
     config = _load_config(config_path)
     bundle = resolve(config_path, config.policy.bundle)
     if not bundle.is_dir():
-        raise _fail(f"{config_path}: policy.bundle {bundle} is not a directory")
+        raise fail(f"{config_path}: policy.bundle {bundle} is not a directory")
     try:
         private_key = load_private_key(key)
     except KeyFileError as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     facts = _facts(config_path, config)
     try:
         manifest = create_manifest(
             facts, profile=config.profile, kind=config.kind, private_key=private_key
         )
     except ValueError as exc:
-        raise _fail(f"{config_path}: {exc}") from None
+        raise fail(f"{config_path}: {exc}") from None
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(out, manifest, 0o644)
     except OSError as exc:
-        raise _fail(f"cannot write {out}: {exc.strerror}") from None
+        raise fail(f"cannot write {out}: {exc.strerror}") from None
     console.print(f"{out}  [dim]locks {len(facts.models)} model(s), policy and config[/dim]")
 
 
@@ -115,8 +110,8 @@ def verify(
         verified = load_verified(manifest, public_key)
     except LockError as error:
         if error.code in ("missing", "key_unreadable"):
-            raise _fail(str(error)) from None
-        raise _fail(f"violation: {error}", EXIT_FAILED) from None
+            raise fail(str(error)) from None
+        raise fail(f"violation: {error}", EXIT_FAILED) from None
     if render is not None:
         config_path = render / CONFIG
         reasons = drift(verified, _facts(config_path, _load_config(config_path)))
@@ -132,15 +127,15 @@ def _load_config(path: Path) -> GatewayConfig:
     try:
         return load_config(path)
     except OSError as exc:
-        raise _fail(f"cannot read {path}: {exc.strerror}") from None
+        raise fail(f"cannot read {path}: {exc.strerror}") from None
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first["loc"]) or "(top level)"
-        raise _fail(f"{path}: {where}: {first['msg']}") from None
+        raise fail(f"{path}: {where}: {first['msg']}") from None
 
 
 def _facts(config_path: Path, config: GatewayConfig) -> LockFacts:
     try:
         return facts_for(config_path, config)
     except OSError as exc:
-        raise _fail(f"cannot read {exc.filename or config_path}: {exc.strerror}") from None
+        raise fail(f"cannot read {exc.filename or config_path}: {exc.strerror}") from None

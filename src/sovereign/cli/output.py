@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import typer
 from rich.console import Console
 
 from sovereign.profile.loader import ProfileError
@@ -12,6 +13,12 @@ errors = Console(stderr=True, highlight=False, soft_wrap=True)
 # click's convention, which Typer keeps: 2 means the input was wrong.
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
+
+
+def fail(message: str, code: int = EXIT_BAD_INPUT) -> typer.Exit:
+    """Print one `error:` line on stderr; give the Exit for the caller to raise."""
+    errors.print(f"error: {message}", markup=False)
+    return typer.Exit(code)
 
 
 def report_profile_error(error: ProfileError) -> None:

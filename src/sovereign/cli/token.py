@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from sovereign.cli import app
-from sovereign.cli.output import EXIT_BAD_INPUT, errors
+from sovereign.cli.output import fail
 from sovereign.cli.profile import load_or_exit
 from sovereign.issuer import IssuerError, ensure_keys, mint
 from sovereign.profile.defaults import EMBEDDED_DEFAULT_NAME
@@ -20,11 +20,6 @@ from sovereign.profile.types import duration_seconds
 
 # A local token cannot be revoked before it expires, so its lifetime is bounded.
 MAX_TTL_SECONDS = 30 * 86400
-
-
-def _fail(message: str) -> typer.Exit:
-    errors.print(f"error: {message}", markup=False)
-    return typer.Exit(EXIT_BAD_INPUT)
 
 
 @app.command()
@@ -45,31 +40,31 @@ def token(
     identity = profile.identity
     issuer_url = str(identity.issuer).rstrip("/")
     if identity.provider != "local":
-        raise _fail(
+        raise fail(
             f"identity.provider is {identity.provider} in {source}; get tokens from {issuer_url}"
         )
     if not user:
-        raise _fail("--user is required")
+        raise fail("--user is required")
     if not role:
-        raise _fail(f"at least one --role is required; known roles: {', '.join(identity.roles)}")
+        raise fail(f"at least one --role is required; known roles: {', '.join(identity.roles)}")
     unknown = [name for name in role if name not in identity.roles]
     if unknown:
-        raise _fail(
+        raise fail(
             f"role {', '.join(unknown)} is not in identity.roles of {source}; "
             f"known roles: {', '.join(identity.roles)}"
         )
     try:
         ttl_seconds = duration_seconds(ttl)
     except ValueError as exc:
-        raise _fail(f"--ttl: {exc}") from None
+        raise fail(f"--ttl: {exc}") from None
     if ttl_seconds > MAX_TTL_SECONDS:
-        raise _fail(f"--ttl {ttl} is longer than the 30d a local token may live")
+        raise fail(f"--ttl {ttl} is longer than the 30d a local token may live")
     if not client:
-        raise _fail("--client must not be empty")
+        raise fail("--client must not be empty")
     try:
         issuer = ensure_keys(Path(identity.local_key_dir))
     except IssuerError as exc:
-        raise _fail(f"{exc} (identity.local_key_dir in {source})") from None
+        raise fail(f"{exc} (identity.local_key_dir in {source})") from None
     print(
         mint(
             issuer,

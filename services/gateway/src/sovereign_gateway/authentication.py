@@ -92,6 +92,11 @@ class JWKSCache:
     def holds(self, kid: str) -> bool:
         return kid in self._keys
 
+    def fresh(self) -> bool:
+        return bool(self._keys) and (
+            time.monotonic() - self._fetched_at < self._oidc.jwks_cache_seconds
+        )
+
     async def refresh(self) -> None:
         self._attempted_at = time.monotonic()
         document = await self._load()
@@ -158,10 +163,13 @@ class OIDCAuthenticator:
         self._verified: dict[str, tuple[Principal, str, float]] = {}
 
     async def ready(self) -> tuple[bool, str]:
-        try:
-            await self.keys.refresh()
-        except KeySourceError as exc:
-            return False, str(exc)
+        # Only a stale cache is refetched: /health is polled, and a fetch here would also
+        # use up the unknown-kid refetch allowance that key rotation depends on.
+        if not self.keys.fresh():
+            try:
+                await self.keys.refresh()
+            except KeySourceError as exc:
+                return False, str(exc)
         return True, f"issuer {self._oidc.issuer} ({self._oidc.provider})"
 
     async def authenticate(self, authorization: str | None) -> Principal:
