@@ -273,9 +273,11 @@ def test_health_reports_each_component(node: RunningGateway) -> None:
         "identity",
         "audit_log",
         "compliance_lock",
+        "runtime",
     }
     assert health["components"]["compliance_lock"]["detail"] == "absent"
-    assert health["upstreams"]["echo-1"]["ready"] is True
+    assert health["models"]["echo-1"]["ready"] is True
+    assert health["models"]["echo-1"]["engine"] == "upstream"
 
 
 def test_metrics_count_requests_and_decisions(node: RunningGateway) -> None:
@@ -363,7 +365,9 @@ def test_an_unreachable_engine_is_502_and_reported_in_health(
     health = json.loads(node.call("GET", "/health")[2])
 
     assert status == 502
-    assert _error(body)["code"] == "upstream_error"
+    assert _error(body)["code"] == "upstream_unreachable"
+    assert "127.0.0.1:9" in _error(body)["message"]
     assert _events(node, "chat")[-1]["status"] == 502
-    assert health["upstreams"]["echo-1"]["ready"] is False
+    assert health["models"]["echo-1"]["ready"] is False
+    assert health["models"]["echo-1"]["replicas"][0]["state"] == "down"
     assert health["ready"] is True

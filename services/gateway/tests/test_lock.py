@@ -67,9 +67,16 @@ def _config_document(tmp_path: Path) -> dict[str, Any]:
                 "quantization": "int4",
                 "context_length": 2048,
                 "allowed_roles": ["user"],
+                "replicas": ["http://127.0.0.1:9/v1"],
+                "weights": None,
+                "concurrency": 16,
+                "queue": 32,
+                "queue_timeout_seconds": 30.0,
+                "timeout_seconds": 120.0,
+                "workers": 1,
+                "threads": None,
             }
         ],
-        "upstream": {"url": None, "timeout_seconds": 120.0},
         "memory": {
             "vector_store": "embedded",
             "qdrant_url": None,

@@ -28,6 +28,7 @@ from sovereign.profile.types import (
     InterfaceCidr,
     KeySource,
     Kind,
+    KvCacheDtype,
     MirrorKind,
     NodeRole,
     Permission,
@@ -53,6 +54,9 @@ class Node(StrictModel):
     arch: Arch = "amd64"
     gpu: Gpu = "none"
     tpm: TpmPolicy = "optional"
+    gpu_count: int = Field(
+        default=1, ge=1, le=16, description="GPUs on the node, when gpu is not none"
+    )
 
 
 class Host(StrictModel):
@@ -158,6 +162,55 @@ class Identity(StrictModel):
     )
 
 
+class Serving(StrictModel):
+    """How the gateway admits, queues and times out requests for one model."""
+
+    concurrency: int | None = Field(
+        default=None,
+        ge=1,
+        le=4096,
+        description=(
+            "requests in flight per replica or worker; default 1 for the embedded llama.cpp "
+            "engine, 64 for vllm, 16 for other upstreams"
+        ),
+    )
+    queue: int = Field(
+        default=32, ge=0, le=100_000, description="requests that may wait; beyond it, 429"
+    )
+    queue_timeout: Duration = Field(
+        default="30s", description="the longest a request waits for a slot before 429"
+    )
+    timeout: Duration = Field(default="120s", description="the longest one request may take")
+    workers: int = Field(
+        default=1, ge=1, le=64, description="embedded engine: worker processes, each with the model"
+    )
+    threads: int | None = Field(
+        default=None,
+        ge=1,
+        le=256,
+        description="embedded engine: CPU threads per worker; default the CPUs / workers",
+    )
+
+
+class VllmSettings(StrictModel):
+    """vLLM launch settings; one renderer turns them into the engine's arguments."""
+
+    tensor_parallel_size: int = Field(default=1, ge=1, le=16)
+    gpu_memory_utilization: float = Field(
+        default=0.9,
+        gt=0,
+        le=0.98,
+        description="share of each GPU's memory vLLM takes for weights and PagedAttention blocks",
+    )
+    max_model_len: int | None = Field(
+        default=None, ge=256, le=1_048_576, description="default: the model's context_length"
+    )
+    max_num_seqs: int = Field(default=256, ge=1, le=4096, description="sequences per batch")
+    enable_prefix_caching: bool = True
+    kv_cache_dtype: KvCacheDtype = "auto"
+    port: int = Field(default=8000, ge=1, le=65535)
+
+
 class ModelSpec(StrictModel):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
     aliases: list[str] = Field(default_factory=list)
@@ -174,6 +227,18 @@ class ModelSpec(StrictModel):
     quantization: Quantization = "none"
     context_length: int = Field(ge=256, le=1_048_576)
     allowed_roles: list[DnsLabel] = Field(min_length=1)
+    replicas: list[HttpUrl] = Field(
+        default_factory=list,
+        description=(
+            "OpenAI-compatible base URLs (ending in /v1) of the servers that run this model; "
+            "requests fail over between them. Empty for llamacpp: the gateway runs the model "
+            "itself; empty for vllm on a datacenter: the Runtime stack's in-cluster service"
+        ),
+    )
+    serving: Serving = Field(default_factory=Serving)
+    vllm: VllmSettings | None = Field(
+        default=None, description="engine vllm only; defaults apply when left out"
+    )
 
 
 class Memory(StrictModel):

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, NamedTuple
 from urllib.parse import urlsplit
 
+from sovereign.profile.derived import dns_label, local_weights_path
 from sovereign.profile.types import duration_seconds, is_cidr, split_host_port
 
 if TYPE_CHECKING:
@@ -22,6 +23,9 @@ Loc = tuple[str | int, ...]
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 ARTIFACT_SCHEMES = ("pkg", "bundle", "file", "hf")
+# vLLM's 4-bit checkpoint formats; int4 names a GGUF file, which only llama.cpp loads.
+VLLM_4BIT_FORMATS = ("awq", "gptq", "compressed-tensors", "bitsandbytes")
+LLAMACPP_QUANTIZATIONS = ("int4", "none")
 # Kinds whose data and compute must be locked down: no unsandboxed compute, no log-only DLP.
 LOCKED_DOWN_KINDS = ("air-gapped", "datacenter")
 
@@ -35,6 +39,8 @@ def violations(profile: Profile) -> list[Violation]:
     checks = (
         _nodes,
         _models,
+        _vllm,
+        _serving,
         _keys,
         _memory_backends,
         _identity,
@@ -91,7 +97,7 @@ def _models(profile: Profile) -> Iterator[Violation]:
                 f"model {model.name!r} uses vllm, which needs a node with gpu: nvidia; "
                 "no node has one",
             )
-        if model.engine == "llamacpp" and model.quantization in ("awq", "fp8"):
+        if model.engine == "llamacpp" and model.quantization not in LLAMACPP_QUANTIZATIONS:
             yield Violation(
                 ("models", index, "quantization"),
                 f"llama.cpp cannot load {model.quantization} weights; use int4 (GGUF) or none",
@@ -120,6 +126,107 @@ def _models(profile: Profile) -> Iterator[Violation]:
                     f"role {role!r} is not defined in identity.roles "
                     f"({', '.join(sorted(profile.identity.roles))})",
                 )
+
+
+def _vllm(profile: Profile) -> Iterator[Violation]:
+    # Imported here: the model module imports this one.
+    from sovereign.profile.model import VllmSettings
+
+    most_gpus = max((node.gpu_count for node in profile.nodes if node.gpu == "nvidia"), default=0)
+    gateway_port = split_host_port(profile.gateway.listen)[1]
+    ports: dict[int, str] = {}
+    services: dict[str, str] = {}
+    for index, model in enumerate(profile.models):
+        at: Loc = ("models", index)
+        if model.engine != "vllm":
+            if model.vllm is not None:
+                yield Violation(
+                    (*at, "vllm"),
+                    f"vllm settings apply only to engine vllm; model {model.name!r} uses "
+                    f"{model.engine}",
+                )
+            continue
+        if model.quantization == "int4":
+            yield Violation(
+                (*at, "quantization"),
+                "int4 is a GGUF file for llama.cpp; for vllm name the 4-bit format: "
+                f"{', '.join(VLLM_4BIT_FORMATS[:-1])} or {VLLM_4BIT_FORMATS[-1]}",
+            )
+        # Other schemes are already refused by _models.
+        if model.source.partition(":")[0] in ARTIFACT_SCHEMES:
+            try:
+                local_weights_path(model.source)
+            except ValueError as exc:
+                yield Violation((*at, "source"), str(exc))
+        settings = model.vllm if model.vllm is not None else VllmSettings()
+        tp = settings.tensor_parallel_size
+        if most_gpus and tp > most_gpus:
+            yield Violation(
+                (*at, "vllm", "tensor_parallel_size"),
+                f"tensor_parallel_size {tp} needs {tp} GPUs on one node; the most any "
+                f"nvidia node has is gpu_count {most_gpus}",
+            )
+        if settings.max_model_len is not None and settings.max_model_len > model.context_length:
+            yield Violation(
+                (*at, "vllm", "max_model_len"),
+                f"max_model_len {settings.max_model_len} is longer than the model's "
+                f"context_length {model.context_length}",
+            )
+        if profile.kind == "datacenter":
+            # Each model gets its own Service, named after the model.
+            service = dns_label("vllm", model.name)
+            if service in services:
+                yield Violation(
+                    (*at, "name"),
+                    f"model {model.name!r} would get the vLLM service name {service!r} of "
+                    f"model {services[service]!r}; rename one",
+                )
+            services.setdefault(service, model.name)
+            continue
+        # Elsewhere vLLM shares the node with the gateway and the other vllm models.
+        port = settings.port
+        if port == gateway_port:
+            yield Violation(
+                (*at, "vllm", "port"),
+                f"vllm port {port} is the gateway's port ({profile.gateway.listen}); "
+                "set vllm.port to a free port",
+            )
+        elif port in ports:
+            yield Violation(
+                (*at, "vllm", "port"),
+                f"vllm port {port} is already taken by model {ports[port]!r}",
+            )
+        ports.setdefault(port, model.name)
+
+
+def _serving(profile: Profile) -> Iterator[Violation]:
+    from sovereign.profile.model import VllmSettings
+
+    for index, model in enumerate(profile.models):
+        at: Loc = ("models", index)
+        embedded = model.engine == "llamacpp" and not model.replicas
+        if model.engine == "vllm" and not model.replicas and profile.kind != "datacenter":
+            yield Violation(
+                (*at, "replicas"),
+                f"model {model.name!r} uses vllm, which runs beside the gateway, not in it; "
+                f"list its server (e.g. http://127.0.0.1:{(model.vllm or VllmSettings()).port}/v1)",
+            )
+        serving = model.serving
+        if embedded and serving.concurrency not in (None, 1):
+            yield Violation(
+                (*at, "serving", "concurrency"),
+                "the embedded llama.cpp engine runs one request per worker; raise "
+                "serving.workers instead",
+            )
+        if not embedded:
+            # Compared with the defaults, not "was it set": a resolved profile sets everything.
+            for field, default in (("workers", 1), ("threads", None)):
+                if getattr(serving, field) != default:
+                    yield Violation(
+                        (*at, "serving", field),
+                        f"serving.{field} applies only to the embedded llama.cpp engine "
+                        "(engine llamacpp without replicas)",
+                    )
 
 
 def _keys(profile: Profile) -> Iterator[Violation]:

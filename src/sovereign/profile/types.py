@@ -19,7 +19,10 @@ Gpu = Literal["nvidia", "apple", "none"]
 TpmPolicy = Literal["required", "optional", "none"]
 HostOS = Literal["debian", "talos", "nixos"]
 Engine = Literal["vllm", "llamacpp", "upstream"]
-Quantization = Literal["int4", "awq", "fp8", "none"]
+# int4 is a 4-bit GGUF for llama.cpp; vLLM names its 4-bit formats (awq, gptq,
+# compressed-tensors, bitsandbytes) since each loads a different checkpoint layout.
+Quantization = Literal["int4", "awq", "gptq", "compressed-tensors", "bitsandbytes", "fp8", "none"]
+KvCacheDtype = Literal["auto", "fp8"]
 VectorStore = Literal["embedded", "qdrant"]
 KeySource = Literal["tpm", "passphrase", "file"]
 DlpMode = Literal["block", "redact", "log"]

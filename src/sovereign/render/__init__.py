@@ -35,9 +35,15 @@ class RenderError(Exception):
 
 def registry() -> dict[str, Renderer]:
     # Imported here so each renderer module can import this one without a cycle.
-    from sovereign.render import gateway, keycloak, policy, resolved
+    from sovereign.render import gateway, keycloak, policy, resolved, vllm
 
-    renderers = (resolved.RENDERER, gateway.RENDERER, policy.RENDERER, keycloak.RENDERER)
+    renderers = (
+        resolved.RENDERER,
+        gateway.RENDERER,
+        policy.RENDERER,
+        keycloak.RENDERER,
+        vllm.RENDERER,
+    )
     return {renderer.name: renderer for renderer in renderers}
 
 

@@ -14,12 +14,13 @@ from sovereign_gateway.config import (
     MemoryStore,
     ModelRoute,
     PolicyEngine,
-    Upstream,
 )
 
-from sovereign.profile.model import Profile
+from sovereign.profile.model import ModelSpec, Profile
 from sovereign.profile.types import duration_seconds, split_host_port
 from sovereign.render import Renderer
+from sovereign.render.artifacts import weights_path
+from sovereign.render.vllm import vllm_service_url
 
 # The signature algorithms RFC 8725 leaves us: asymmetric only, never `none` or HS*.
 ALGORITHMS = ["RS256", "ES256", "EdDSA"]
@@ -28,14 +29,15 @@ POLICY_DECISION = "gateway/decision"
 POLICY_TIMEOUT_SECONDS = 2.0
 JWKS_CACHE_SECONDS = 300
 JWKS_REFETCH_INTERVAL_SECONDS = 10.0
-UPSTREAM_TIMEOUT_SECONDS = 120.0
+# Requests in flight per replica when the profile leaves `serving.concurrency` out: vLLM
+# batches, so it takes many; the embedded engine runs one request per worker.
+DEFAULT_CONCURRENCY = {"vllm": 64, "upstream": 16, "llamacpp": 16}
 AUDIT_SEGMENT_MAX_BYTES = 64 * 1024 * 1024
 
 
 def gateway_config(profile: Profile) -> GatewayConfig:
     host, port = split_host_port(profile.gateway.listen)
     identity = profile.identity
-    upstream = profile.gateway.upstream
     return GatewayConfig(
         schema_version=SCHEMA_VERSION,
         profile=profile.name,
@@ -66,23 +68,7 @@ def gateway_config(profile: Profile) -> GatewayConfig:
             dlp=profile.policy.dlp,
             timeout_seconds=POLICY_TIMEOUT_SECONDS,
         ),
-        models=[
-            ModelRoute(
-                name=model.name,
-                aliases=list(model.aliases),
-                engine=model.engine,
-                source=model.source,
-                sha256=model.sha256,
-                quantization=model.quantization,
-                context_length=model.context_length,
-                allowed_roles=list(model.allowed_roles),
-            )
-            for model in profile.models
-        ],
-        upstream=Upstream(
-            url=None if upstream is None else str(upstream).rstrip("/"),
-            timeout_seconds=UPSTREAM_TIMEOUT_SECONDS,
-        ),
+        models=[model_route(profile, model) for model in profile.models],
         memory=MemoryStore(
             vector_store=profile.memory.vector_store,
             qdrant_url=None
@@ -105,6 +91,45 @@ def gateway_config(profile: Profile) -> GatewayConfig:
             manifest=profile.policy.lock.manifest,
             public_key=profile.policy.lock.public_key,
         ),
+    )
+
+
+def replicas(profile: Profile, model: ModelSpec) -> list[str]:
+    """The servers that run the model; empty when the gateway runs it itself."""
+    urls = [str(url).rstrip("/") for url in model.replicas]
+    if model.engine == "upstream":
+        return [model.source.rstrip("/"), *urls]
+    if urls:
+        return urls
+    if model.engine == "vllm" and profile.kind == "datacenter":
+        return [vllm_service_url(model)]
+    if profile.gateway.upstream is not None:
+        return [str(profile.gateway.upstream).rstrip("/")]
+    return []
+
+
+def model_route(profile: Profile, model: ModelSpec) -> ModelRoute:
+    urls = replicas(profile, model)
+    serving = model.serving
+    embedded = not urls
+    return ModelRoute(
+        name=model.name,
+        aliases=list(model.aliases),
+        engine=model.engine,
+        source=model.source,
+        sha256=model.sha256,
+        quantization=model.quantization,
+        context_length=model.context_length,
+        allowed_roles=list(model.allowed_roles),
+        replicas=urls,
+        weights=weights_path(model.source) if embedded else None,
+        # One llama.cpp context serves one request at a time; more workers give more.
+        concurrency=1 if embedded else serving.concurrency or DEFAULT_CONCURRENCY[model.engine],
+        queue=serving.queue,
+        queue_timeout_seconds=float(duration_seconds(serving.queue_timeout)),
+        timeout_seconds=float(duration_seconds(serving.timeout)),
+        workers=serving.workers,
+        threads=serving.threads,
     )
 
 

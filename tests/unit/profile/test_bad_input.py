@@ -164,6 +164,15 @@ def model(extra: str = "", engine: str = "llamacpp", source: str = "pkg:m/m.gguf
     )
 
 
+def datacenter(extra: str) -> str:
+    return "kind: datacenter\nname: t\n" + extra
+
+
+def vllm_model(extra: str = "", source: str = "bundle:models/m") -> str:
+    """A vllm model `m` (lines 4-9; extra lines from 10)."""
+    return model(f"    sha256: {SHA}\n{extra}", engine="vllm", source=source)
+
+
 RULES = [
     Case(
         "air-gapped-egress-to-the-internet",
@@ -242,6 +251,137 @@ RULES = [
         9,
         "models[0].quantization",
         "llama.cpp cannot load awq weights",
+    ),
+    Case(
+        "llamacpp-with-gptq",
+        personal(model("    quantization: gptq\n")),
+        9,
+        "models[0].quantization",
+        "llama.cpp cannot load gptq weights; use int4 (GGUF) or none",
+    ),
+    Case(
+        "vllm-without-its-server-outside-a-datacenter",
+        air_gapped(vllm_model("    vllm:\n      port: 8001\n")),
+        4,
+        "models[0].replicas",
+        "model 'm' uses vllm, which runs beside the gateway, not in it; list its server "
+        "(e.g. http://127.0.0.1:8001/v1)",
+    ),
+    Case(
+        "embedded-engine-concurrency-above-one",
+        personal(model("    serving:\n      concurrency: 4\n")),
+        10,
+        "models[0].serving.concurrency",
+        "the embedded llama.cpp engine runs one request per worker; raise serving.workers",
+    ),
+    Case(
+        "workers-for-an-upstream-model",
+        personal(
+            model(
+                "    serving:\n      workers: 2\n", engine="upstream", source="http://10.0.0.5/v1"
+            )
+        ),
+        10,
+        "models[0].serving.workers",
+        "serving.workers applies only to the embedded llama.cpp engine",
+    ),
+    Case(
+        "bad-queue-timeout",
+        personal(model("    serving:\n      queue_timeout: soon\n")),
+        10,
+        "models[0].serving.queue_timeout",
+        "expected a duration like 30s, 15m, 24h, 90d, 2w or 7y, got 'soon'",
+    ),
+    Case(
+        "vllm-settings-on-a-llamacpp-model",
+        personal(model("    vllm:\n      port: 8001\n")),
+        10,
+        "models[0].vllm",
+        "vllm settings apply only to engine vllm; model 'm' uses llamacpp",
+    ),
+    Case(
+        "vllm-with-int4",
+        datacenter(vllm_model("    quantization: int4\n")),
+        10,
+        "models[0].quantization",
+        "int4 is a GGUF file for llama.cpp; for vllm name the 4-bit format: awq, gptq, "
+        "compressed-tensors or bitsandbytes",
+    ),
+    Case(
+        "vllm-tensor-parallel-beyond-the-largest-gpu-node",
+        datacenter(vllm_model("    vllm:\n      tensor_parallel_size: 2\n")),
+        11,
+        "models[0].vllm.tensor_parallel_size",
+        "tensor_parallel_size 2 needs 2 GPUs on one node; the most any nvidia node has is "
+        "gpu_count 1",
+    ),
+    Case(
+        "vllm-max-model-len-beyond-the-context-length",
+        datacenter(vllm_model("    vllm:\n      max_model_len: 4096\n")),
+        11,
+        "models[0].vllm.max_model_len",
+        "max_model_len 4096 is longer than the model's context_length 2048",
+    ),
+    Case(
+        "vllm-from-a-pkg-file",
+        datacenter(vllm_model(source="pkg:m/m.gguf")),
+        6,
+        "models[0].source",
+        "vLLM loads a weights directory from bundle:<path> or file:/<path>; got 'pkg:m/m.gguf'",
+    ),
+    Case(
+        "vllm-from-the-hub",
+        datacenter(vllm_model(source="hf:org/m@0123abc/m.safetensors")),
+        6,
+        "models[0].source",
+        "vLLM loads a weights directory from bundle:<path> or file:/<path>",
+    ),
+    Case(
+        "vllm-bundle-path-leaving-the-bundle",
+        datacenter(vllm_model(source="bundle:../../etc")),
+        6,
+        "models[0].source",
+        "bundle:<path> names a path inside the imported bundle, relative and without '..'",
+    ),
+    Case(
+        "vllm-on-the-gateway-port",
+        air_gapped(vllm_model("    vllm:\n      port: 8000\n")),
+        11,
+        "models[0].vllm.port",
+        "vllm port 8000 is the gateway's port (127.0.0.1:8000); set vllm.port to a free port",
+    ),
+    Case(
+        "vllm-default-port-is-the-gateway-port",
+        air_gapped(vllm_model()),
+        4,
+        "models[0].vllm.port",
+        "vllm port 8000 is the gateway's port",
+    ),
+    Case(
+        "two-vllm-models-on-one-port",
+        air_gapped(
+            vllm_model("    vllm:\n      port: 8001\n")
+            + "  - name: n\n    engine: vllm\n    source: bundle:models/n\n"
+            f"    sha256: {SHA}\n    context_length: 2048\n    allowed_roles: [user]\n"
+            "    vllm:\n      port: 8001\n"
+        ),
+        19,
+        "models[1].vllm.port",
+        "vllm port 8001 is already taken by model 'm'",
+    ),
+    Case(
+        "two-vllm-models-with-one-service-name",
+        datacenter(
+            model(f"    sha256: {SHA}\n", engine="vllm", source="bundle:models/m").replace(
+                "name: m", "name: Big.Model"
+            )
+            + "  - name: big-model\n    engine: vllm\n    source: bundle:models/n\n"
+            f"    sha256: {SHA}\n    context_length: 2048\n    allowed_roles: [user]\n"
+        ),
+        10,
+        "models[1].name",
+        "model 'big-model' would get the vLLM service name 'vllm-big-model' of model "
+        "'Big.Model'; rename one",
     ),
     Case(
         "upstream-with-a-file-source",

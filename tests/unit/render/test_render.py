@@ -20,7 +20,7 @@ EXAMPLES = sorted((ROOT / "profiles").glob("*.yaml"))
 
 
 def test_registry_holds_every_renderer() -> None:
-    assert set(registry()) == {"profile", "gateway", "policy", "keycloak"}
+    assert set(registry()) == {"profile", "gateway", "policy", "keycloak", "vllm"}
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)

@@ -2,11 +2,14 @@
 
 Takes a `GatewayConfig` and its path; gives a Starlette app. Every API request passes
 auth -> policy (with DLP) -> compliance lock -> handler, and gets a durable audit record.
+Chat requests then go to the model's backend in `runtime`; a client that disconnects
+cancels its request there.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import time
@@ -39,6 +42,9 @@ from sovereign_gateway.keyfiles import load_or_create_private_key
 from sovereign_gateway.lock import LockStatus, LockWatcher, facts_for
 from sovereign_gateway.metrics import CONTENT_TYPE, Metrics
 from sovereign_gateway.policy import Decision, PolicyEngine, PolicyUnavailable, create_engine
+from sovereign_gateway.runtime.base import EventStream, InferenceRequest, Usage
+from sovereign_gateway.runtime.embedded import unsupported_parameter
+from sovereign_gateway.runtime.router import Runtime
 from sovereign_gateway.schemas import (
     ChatCompletionRequest,
     EmbeddingsRequest,
@@ -51,8 +57,9 @@ from sovereign_gateway.schemas import (
 
 log = logging.getLogger("sovereign_gateway")
 
-UPSTREAM_HEALTH_TIMEOUT_S = 2.0
 UPSTREAM_CONNECT_TIMEOUT_S = 5.0
+# nginx's "client closed request": the status audited for work the client walked away from.
+CLIENT_CLOSED = 499
 # Actions that start compute: their allow decision is made durable before the work starts,
 # and the outcome gets a second record when the response is ready.
 ADMITTED_BEFORE_WORK = frozenset({"chat"})
@@ -73,6 +80,8 @@ class Call:
     model: str | None = None
     response_digest: str | None = None
     refusal: str | None = None
+    usage: Usage | None = None
+    replica: str | None = None
     content: dict[str, Any] = field(default_factory=dict)
 
 
@@ -84,13 +93,10 @@ class Gateway:
         self.config = config
         self.config_path = config_path
         self.metrics = Metrics()
-        self.models: dict[str, ModelRoute] = {}
-        for route in config.models:
-            for name in (route.name, *route.aliases):
-                self.models[name] = route
         # aiohttp for the hop to the engines: it costs about 0.1 ms of CPU per request here,
         # httpx about 1.8 ms (docs/benchmarks.md). Created in start(), inside the loop.
         self.upstream: aiohttp.ClientSession | None = None
+        self.runtime = Runtime(config.models, self._session, self.metrics)
         jwks_file = config.oidc.jwks_file
         self.auth = OIDCAuthenticator(
             config.oidc,
@@ -109,15 +115,18 @@ class Gateway:
         )
         self.lock = LockWatcher(config.lock, facts_for(config_path, config))
 
+    def _session(self) -> aiohttp.ClientSession:
+        if self.upstream is None:
+            raise ApiError(503, "the gateway is not started", "not_ready")
+        return self.upstream
+
     async def start(self) -> None:
         self.upstream = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=1000),
-            timeout=aiohttp.ClientTimeout(
-                total=None, connect=UPSTREAM_CONNECT_TIMEOUT_S,
-                sock_read=self.config.upstream.timeout_seconds,
-            ),
+            timeout=aiohttp.ClientTimeout(total=None, connect=UPSTREAM_CONNECT_TIMEOUT_S),
             trust_env=False,
-        )  # fmt: skip
+        )
+        await self.runtime.start()
         await self.audit.open()
         for note in self.audit.recovered:
             log.warning("audit log: %s", note)
@@ -136,6 +145,7 @@ class Gateway:
         await self._lock_status(startup=True)
 
     async def stop(self) -> None:
+        await self.runtime.stop()
         await self.audit.close()
         if self.policy is not None:
             await self.policy.aclose()
@@ -167,7 +177,11 @@ class Gateway:
                 call.content["request"] = texts
             if action in ADMITTED_BEFORE_WORK:
                 await self._admit(call)
-            response = await handler(call, body, route, decision)
+                response = await self._unless_disconnected(
+                    request, handler(call, body, route, decision)
+                )
+            else:
+                response = await handler(call, body, route, decision)
         except ApiError as error:
             call.refusal = error.code
             response = error.response()
@@ -176,6 +190,28 @@ class Gateway:
             return response
         call.response_digest = hashlib.sha256(bytes(response.body)).hexdigest()
         return await self._audited(call, response)
+
+    async def _unless_disconnected(self, request: Request, work: Awaitable[Response]) -> Response:
+        """Run the work, cancelling it (and so the engine's generation) if the client leaves."""
+        task = asyncio.ensure_future(work)
+        watch = asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        finally:
+            watch.cancel()
+        if task.done():
+            return task.result()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, ApiError):
+            await task
+        raise ApiError(
+            CLIENT_CLOSED,
+            "the client closed the connection; the request was cancelled",
+            "client_disconnected",
+        )
 
     async def _admit(self, call: Call) -> None:
         """Make the decision durable before any compute starts (trust boundary 1)."""
@@ -230,6 +266,8 @@ class Gateway:
                 "redactions": len(decision.redactions),
             },
             "refusal": call.refusal,
+            "replica": call.replica,
+            "usage": None if call.usage is None else call.usage.as_dict(),
             "request_digest": call.request_digest,
             "response_digest": call.response_digest,
             "status": status,
@@ -275,15 +313,15 @@ class Gateway:
         name = getattr(body, "model", None)
         if name is None:
             return None
-        route = self.models.get(name)
-        if route is None:
+        backend = self.runtime.backend(name)
+        if backend is None:
             raise ApiError(
                 404,
                 f"the model {name!r} does not exist on this node",
                 "model_not_found",
                 param="model",
             )
-        return route
+        return backend.route
 
     async def _decide(self, call: Call, route: ModelRoute | None, texts: list[str]) -> Decision:
         decision = await self._ask(call.principal, call.action, route, texts, call.resource)
@@ -368,109 +406,84 @@ class Gateway:
 
     # -- handlers ---------------------------------------------------------------------
 
-    def _upstream_url(self, route: ModelRoute) -> str:
-        if route.engine == "upstream":
-            return route.source.rstrip("/")
-        if self.config.upstream.url is not None:
-            return self.config.upstream.url
-        raise ApiError(
-            503,
-            f"the model {route.name!r} has no inference backend on this node yet",
-            "backend_unavailable",
-        )
-
     async def chat(
         self, call: Call, body: ChatCompletionRequest, route: ModelRoute | None, decision: Decision
     ) -> Response:
         if route is None:
             raise ApiError(400, "model: field required", "invalid_type", param="model")
+        backend = self.runtime.backend(route.name)
+        if backend is None:
+            raise ApiError(404, f"the model {route.name!r} does not exist", "model_not_found")
         payload = body.model_dump(exclude_unset=True)
         payload["model"] = route.name
+        _check_sampling(payload, route, embedded=backend.embedded)
         if decision.redactions:
             payload["messages"] = [_redact(m, decision) for m in payload["messages"]]
-        url = f"{self._upstream_url(route)}/chat/completions"
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        request = InferenceRequest.chat(call.request_id, route, payload, include_usage)
         if body.stream:
-            return await self._stream(call, url, payload)
-        upstream = await self._send(url, payload)
-        try:
-            content = await upstream.read()
-        except TimeoutError:
-            raise ApiError(504, "the inference backend timed out", "upstream_timeout") from None
-        except aiohttp.ClientError:
-            raise ApiError(502, "the inference backend failed", "upstream_error") from None
-        finally:
-            upstream.release()
-        if upstream.status >= 500:
-            raise ApiError(502, "the inference backend failed", "upstream_error")
+            stream, call.replica = await backend.stream(request)
+            return await self._stream(call, stream)
+        completion, call.replica = await backend.complete(request)
+        self._count(call, completion.usage)
         if self.config.audit.capture_content:
-            call.content["response"] = content.decode(errors="replace")
+            call.content["response"] = completion.body.decode(errors="replace")
         return Response(
-            content,
-            status_code=upstream.status,
-            media_type=upstream.headers.get("content-type", "application/json"),
+            completion.body, status_code=completion.status, media_type=completion.content_type
         )
 
-    async def _send(self, url: str, payload: dict[str, Any]) -> aiohttp.ClientResponse:
-        """POST with the body left unread, so a stream can be relayed as it arrives."""
-        if self.upstream is None:
-            raise ApiError(503, "the gateway is not started", "not_ready")
-        try:
-            return await self.upstream.post(url, json=payload)
-        except TimeoutError:
-            raise ApiError(504, "the inference backend timed out", "upstream_timeout") from None
-        except aiohttp.ClientError:
-            raise ApiError(502, "the inference backend is unreachable", "upstream_error") from None
+    def _count(self, call: Call, usage: Usage | None) -> None:
+        call.usage = usage
+        if usage is None or call.model is None:
+            return
+        for kind, tokens in (
+            ("prompt", usage.prompt_tokens),
+            ("completion", usage.completion_tokens),
+        ):
+            if tokens:
+                self.metrics.tokens.labels(call.model, kind).inc(tokens)
 
-    async def _stream(self, call: Call, url: str, payload: dict[str, Any]) -> Response:
-        upstream = await self._send(url, payload)
-        if upstream.status != 200:
-            try:
-                content = await upstream.read()
-            except (TimeoutError, aiohttp.ClientError):
-                content = b""
-            finally:
-                upstream.release()
-            if upstream.status >= 500 or not content:
-                raise ApiError(502, "the inference backend failed", "upstream_error")
-            return Response(content, status_code=upstream.status, media_type="application/json")
+    async def _stream(self, call: Call, stream: EventStream) -> Response:
         # The stream is admitted: its record is durable before the first byte goes out.
         try:
             await self.audit.append(self._record(call, 200, phase="stream_start"))
         except Exception:
-            upstream.close()
+            await stream.aclose()
             self.metrics.audit_failures.inc()
             raise ApiError(
                 503, "the audit log is unavailable; the request was not served", "audit_unavailable"
             ) from None
         return StreamingResponse(
-            self._relay(call, upstream),
-            media_type=upstream.headers.get("content-type", "text/event-stream"),
+            self._relay(call, stream),
+            media_type="text/event-stream",
             headers={"cache-control": "no-cache", "x-request-id": call.request_id},
         )
 
-    async def _relay(self, call: Call, upstream: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    async def _relay(self, call: Call, stream: EventStream) -> AsyncIterator[bytes]:
         digest = hashlib.sha256()
         captured: list[bytes] = []
         status = "stream_end"
+        first_token = True
         try:
-            async for chunk in upstream.content.iter_any():
-                digest.update(chunk)
+            async for event in stream.events():
+                digest.update(event)
                 if self.config.audit.capture_content:
-                    captured.append(chunk)
-                yield chunk
+                    captured.append(event)
+                if first_token and _has_content(event):
+                    first_token = False
+                    self.metrics.first_token.labels(str(call.model)).observe(
+                        time.perf_counter() - call.started
+                    )
+                yield event
+            if stream.failed is not None:
+                status = "stream_failed"
+                call.refusal = "upstream_error"
         except (asyncio.CancelledError, GeneratorExit):
             status = "stream_cancelled"
             raise
-        except (TimeoutError, aiohttp.ClientError):
-            # Headers are sent; the client sees the stream end without [DONE].
-            status = "stream_failed"
         finally:
-            # close, not release: a cancelled or failed stream must not go back to the pool,
-            # and closing it is what tells the engine to stop generating.
-            if status == "stream_end":
-                upstream.release()
-            else:
-                upstream.close()
+            await asyncio.shield(stream.aclose())
+            self._count(call, stream.usage)
             call.response_digest = digest.hexdigest()
             if captured:
                 call.content["response"] = b"".join(captured).decode(errors="replace")
@@ -523,50 +536,66 @@ class Gateway:
             if not lock.reasons
             else f"{lock.state}: {'; '.join(lock.reasons)}",
         }
-        upstreams = await self._upstream_health()
+        models = {name: backend.health() for name, backend in self.runtime.backends.items()}
+        # Models the gateway runs itself count towards readiness; remote engines are
+        # reported but deployed and watched on their own.
+        embedded = [name for name, b in self.runtime.backends.items() if b.embedded]
+        loading = [name for name in embedded if not models[name]["ready"]]
+        components["runtime"] = {
+            "ready": not loading,
+            "detail": f"not ready: {', '.join(loading)}"
+            if loading
+            else f"{len(embedded)} embedded model(s) loaded",
+        }
         ready = all(component["ready"] for component in components.values())
         body = {
             "status": "ok",
             "ready": ready,
             "profile": self.config.profile,
             "components": components,
-            "upstreams": upstreams,
+            "models": models,
             "lock": {"state": lock.state, "reasons": list(lock.reasons)},
         }
         return JSONResponse(body, status_code=200 if ready else 503)
-
-    async def _upstream_health(self) -> dict[str, dict[str, Any]]:
-        answers: dict[str, dict[str, Any]] = {}
-        for route in self.config.models:
-            try:
-                base = self._upstream_url(route)
-            except ApiError:
-                answers[route.name] = {
-                    "ready": False,
-                    "detail": f"no backend for engine {route.engine} on this node yet",
-                }
-                continue
-            if self.upstream is None:
-                answers[route.name] = {"ready": False, "detail": "not started"}
-                continue
-            try:
-                async with self.upstream.get(
-                    f"{base}/models",
-                    timeout=aiohttp.ClientTimeout(total=UPSTREAM_HEALTH_TIMEOUT_S),
-                ) as reply:
-                    answers[route.name] = {
-                        "ready": reply.status == 200,
-                        "detail": f"HTTP {reply.status}",
-                    }
-            except (TimeoutError, aiohttp.ClientError) as exc:
-                answers[route.name] = {"ready": False, "detail": type(exc).__name__}
-        return answers
 
     async def metrics_text(self, request: Request) -> Response:
         return Response(self.metrics.render(), media_type=CONTENT_TYPE)
 
     async def openapi(self, request: Request) -> Response:
         return JSONResponse(openapi_document(__version__))
+
+
+async def _disconnected(request: Request) -> None:
+    # The body is read already, so the next ASGI message is the disconnect, if it comes.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _has_content(event: bytes) -> bool:
+    return b'"content":"' in event.replace(b'": "', b'":"') and b'"content":""' not in event
+
+
+def _check_sampling(payload: dict[str, Any], route: ModelRoute, *, embedded: bool) -> None:
+    """Refuse what the engine would otherwise reject late, truncate, or silently ignore."""
+    for name in ("max_tokens", "max_completion_tokens"):
+        wanted = payload.get(name)
+        if wanted is not None and wanted >= route.context_length:
+            raise ApiError(
+                400,
+                f"{name}: {wanted} does not fit in the {route.context_length}-token context "
+                f"window of model {route.name!r}",
+                "context_length_exceeded",
+                param=name,
+            )
+    unsupported = unsupported_parameter(payload) if embedded else None
+    if unsupported is not None:
+        raise ApiError(
+            400,
+            f"{unsupported}: not supported by the embedded llama.cpp engine of model "
+            f"{route.name!r}",
+            "unsupported_parameter",
+            param=unsupported,
+        )
 
 
 def _redact(message: dict[str, Any], decision: Decision) -> dict[str, Any]:

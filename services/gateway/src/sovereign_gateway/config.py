@@ -65,9 +65,24 @@ class ModelRoute(_Strict):
     engine: Literal["vllm", "llamacpp", "upstream"]
     source: str
     sha256: str | None
-    quantization: Literal["int4", "awq", "fp8", "none"]
+    quantization: Literal[
+        "int4", "awq", "gptq", "compressed-tensors", "bitsandbytes", "fp8", "none"
+    ]
     context_length: int = Field(gt=0)
     allowed_roles: list[str] = Field(min_length=1)
+    replicas: list[str] = Field(
+        description="OpenAI-compatible base URLs serving this model; empty: `weights` is run "
+        "by the embedded engine (or sent to `upstream.url` when that is set)"
+    )
+    weights: str | None = Field(
+        description="embedded engine: the weights file, checked against sha256 before loading"
+    )
+    concurrency: int = Field(gt=0, description="requests in flight per replica or worker")
+    queue: int = Field(ge=0, description="requests that may wait for a slot; beyond it, 429")
+    queue_timeout_seconds: float = Field(gt=0)
+    timeout_seconds: float = Field(gt=0)
+    workers: int = Field(gt=0, description="embedded engine: worker processes")
+    threads: int | None = Field(gt=0, description="embedded engine: threads per worker")
 
 
 class MemoryStore(_Strict):
@@ -87,11 +102,6 @@ class AuditLog(_Strict):
     segment_max_bytes: int = Field(gt=0, description="rotate to a new segment past this size")
 
 
-class Upstream(_Strict):
-    url: str | None = Field(description="OpenAI-compatible base URL, including /v1")
-    timeout_seconds: float = Field(gt=0)
-
-
 class GatewayConfig(_Strict):
     schema_version: Literal[1]
     profile: str
@@ -103,7 +113,6 @@ class GatewayConfig(_Strict):
     roles: dict[str, list[str]]
     policy: PolicyEngine
     models: list[ModelRoute] = Field(min_length=1)
-    upstream: Upstream
     memory: MemoryStore
     audit: AuditLog
     lock: ComplianceLock

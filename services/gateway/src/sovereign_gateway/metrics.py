@@ -1,4 +1,4 @@
-"""The gateway's Prometheus metrics: requests, policy decisions, latencies, audit, lock.
+"""The gateway's Prometheus metrics: requests, decisions, latencies, audit, lock, runtime.
 
 Takes nothing global: each app owns a `Metrics` with its own registry, so two apps in one
 process (tests, benchmarks) never share counters. Gives `/metrics` in the text format.
@@ -66,6 +66,49 @@ class Metrics:
         self.lock_ok = Gauge(
             "sovereign_gateway_compliance_lock_ok",
             "1 while the compliance lock holds (or is absent and not required), else 0.",
+            registry=self.registry,
+        )
+        self.in_flight = Gauge(
+            "sovereign_gateway_backend_in_flight",
+            "Requests running on a model's replicas.",
+            ["model"],
+            registry=self.registry,
+        )
+        self.queued = Gauge(
+            "sovereign_gateway_backend_queued",
+            "Requests waiting for a slot on a model's replicas.",
+            ["model"],
+            registry=self.registry,
+        )
+        self.rejected = Counter(
+            "sovereign_gateway_backend_rejected",
+            "Requests answered 429, by model and reason (queue_full, queue_timeout).",
+            ["model", "reason"],
+            registry=self.registry,
+        )
+        self.failovers = Counter(
+            "sovereign_gateway_backend_failovers",
+            "Requests moved to another replica because one was down.",
+            ["model"],
+            registry=self.registry,
+        )
+        self.worker_restarts = Counter(
+            "sovereign_gateway_worker_restarts",
+            "Embedded engine workers started again after they died or hung.",
+            ["model"],
+            registry=self.registry,
+        )
+        self.tokens = Counter(
+            "sovereign_gateway_tokens",
+            "Tokens processed, by model and kind (prompt, completion).",
+            ["model", "kind"],
+            registry=self.registry,
+        )
+        self.first_token = Histogram(
+            "sovereign_gateway_time_to_first_token_seconds",
+            "Time from request to the first streamed content byte, by model.",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
 

@@ -7,7 +7,7 @@ The OpenAPI document is generated from these same models, so it cannot drift fro
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -45,8 +45,13 @@ class ChatCompletionRequest(_Request):
     top_p: float | None = Field(default=None, ge=0, le=1)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    # OpenAI takes up to 4 stop sequences; an empty one would stop before the first token.
+    stop: str | Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=4)] | None = (
+        None
+    )
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     n: int | None = Field(default=None, ge=1, le=8)
     user: str | None = None
 
@@ -123,12 +128,26 @@ class ComponentHealth(BaseModel):
     detail: str
 
 
+class ReplicaHealth(BaseModel):
+    replica: str
+    state: Literal["ready", "starting", "down", "refused"]
+    detail: str
+
+
+class ModelHealth(BaseModel):
+    ready: bool
+    engine: str
+    in_flight: int
+    waiting: int
+    replicas: list[ReplicaHealth]
+
+
 class Health(BaseModel):
     status: Literal["ok"]
     ready: bool
     profile: str
     components: dict[str, ComponentHealth]
-    upstreams: dict[str, ComponentHealth]
+    models: dict[str, ModelHealth]
     lock: dict[str, Any]
 
 
@@ -212,7 +231,7 @@ def openapi_document(version: str) -> dict[str, Any]:
                             "text/event-stream": {"schema": {"type": "string"}},
                         },
                     },
-                    refusals=(400, 401, 403, 404, 413, 502, 503, 504),
+                    refusals=(400, 401, 403, 404, 413, 429, 502, 503, 504),
                 )
             },
             "/v1/models": {
