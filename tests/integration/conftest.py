@@ -147,22 +147,17 @@ def profile_text(
     dlp: str = "redact",
     lock_required: bool = False,
     capture_content: bool = False,
+    models: str | None = None,
 ) -> str:
-    """A personal node profile with every path under `home` and models served by `upstream`."""
+    """A personal node profile with every path under `home` and models served by `upstream`.
+
+    `models` replaces the two upstream models with a YAML list (the `models:` key's value).
+    """
     identity = identity or (
         f"  provider: local\n  issuer: http://127.0.0.1:{port}/local\n"
         f"  local_key_dir: {home}/issuer\n"
     )
-    return f"""\
-kind: personal
-name: gw-test
-identity:
-{identity}  roles:
-    admin: [admin, chat, embeddings, ingest, query, "models:read", "audit:read"]
-    user: [chat, embeddings, ingest, "models:read"]
-    viewer: ["models:read"]
-    service: [embed, query]
-models:
+    models = models or f"""
   - name: echo-1
     aliases: [gpt-4o-mini, default]
     engine: upstream
@@ -176,6 +171,17 @@ models:
     sha256: {"b" * 64}
     context_length: 4096
     allowed_roles: [admin]
+"""
+    return f"""\
+kind: personal
+name: gw-test
+identity:
+{identity}  roles:
+    admin: [admin, chat, embeddings, ingest, query, "models:read", "audit:read"]
+    user: [chat, embeddings, ingest, "models:read"]
+    viewer: ["models:read"]
+    service: [embed, query]
+models:{models.rstrip()}
 memory:
   data_dir: {home}/memory
   key_file: {home}/keys/memory.kek

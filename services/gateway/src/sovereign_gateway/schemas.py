@@ -7,9 +7,11 @@ The OpenAPI document is generated from these same models, so it cannot drift fro
 from __future__ import annotations
 
 import json
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic_core import ErrorDetails
 
 from sovereign_gateway.errors import ApiError
 
@@ -161,9 +163,22 @@ def parse(raw: bytes, model: type[_Request]) -> Any:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors(include_url=False)[0]
-        field = ".".join(str(part) for part in first["loc"]) or "body"
+        first = _most_telling(exc)
+        field = ".".join(str(p) for p in first["loc"] if not _UNION_TAG.match(str(p))) or "body"
         raise ApiError(400, f"{field}: {first['msg']}", "invalid_type", param=field) from None
+
+
+# Pydantic names the member of a union it tried (`str`, `list[...]`) inside an error's loc.
+_UNION_TAG = re.compile(r"^(str|int|float|bool|none|[A-Za-z_-]+\[.*\])$")
+
+
+def _most_telling(exc: ValidationError) -> ErrorDetails:
+    """For a union, the error of the member the value was meant for, not "wrong type"."""
+    errors = exc.errors(include_url=False)
+    for error in errors:
+        if not error["type"].endswith("_type"):
+            return error
+    return errors[0]
 
 
 _SECURED: list[dict[str, list[str]]] = [{"bearer": []}]
