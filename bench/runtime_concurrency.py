@@ -19,6 +19,7 @@ import os
 import re
 import resource
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -278,6 +279,8 @@ def main() -> int:
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs)")
     args = parser.parse_args()
+    # Stop the servers (own sessions) on SIGTERM too, e.g. from `timeout`.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     counts = [int(c) for c in args.clients.split(",")]
     honour = not args.no_retry_after
     work = Path(tempfile.mkdtemp(prefix="runtime-concurrency-"))

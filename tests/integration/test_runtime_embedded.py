@@ -6,6 +6,7 @@ clients are the unmodified `openai` SDK, LangChain's `ChatOpenAI`, and raw HTTP.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -193,7 +194,7 @@ def test_a_stream_arrives_chunk_by_chunk(node: RunningGateway) -> None:
     # Generating 64 tokens takes hundreds of milliseconds here; chunks that arrive one by
     # one spread over that time, a buffered answer arrives within a few milliseconds.
     assert span > 0.2
-    gaps = [later - earlier for earlier, later in zip(arrivals, arrivals[1:], strict=False)]
+    gaps = [later - earlier for earlier, later in itertools.pairwise(arrivals)]
     assert sum(1 for gap in gaps if gap > 0.002) >= len(gaps) // 2
     records = wait_for_record(node, "stream_end")
     assert [r["phase"] for r in records] == ["admitted", "stream_start", "stream_end"]
@@ -442,11 +443,11 @@ def test_a_client_that_disconnects_cancels_its_generation(node: RunningGateway) 
     ).encode()
     host, port = node.url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port))) as conn:
-        conn.sendall(
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
-            + f"authorization: Bearer {node.token()}\r\ncontent-length: {len(body)}\r\n\r\n".encode()
-            + body
+        head = (
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
+            f"authorization: Bearer {node.token()}\r\ncontent-length: {len(body)}\r\n\r\n"
         )
+        conn.sendall(head.encode() + body)
         _wait_until_busy(node)
     records = wait_for_refusal(node, "client_disconnected")
     # 1500 tokens take well over 10 s here; a cancelled generation frees the worker at once.
@@ -486,4 +487,3 @@ def _wait_until_busy(node: RunningGateway, timeout: float = 30) -> None:
             pytest.fail("the request never reached the worker")
         time.sleep(0.05)
     time.sleep(0.3)  # past prompt evaluation, into generation
-

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import openai
 import pytest
 
 from sovereign import tools
@@ -49,12 +53,15 @@ def _up(*args: str | Path) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.slow
-def test_up_check_starts_opa_and_the_gateway_and_reports_ready(tmp_path: Path) -> None:
+def test_up_check_starts_opa_and_the_gateway_and_gets_a_first_answer(tmp_path: Path) -> None:
     tools.opa_binary()  # fails with "run `sovereign tools install opa`" when absent
+    tools.smollm2_gguf()
     profile = _profile(tmp_path, _free_port(), _free_port())
     proc = _up(profile, "--state-dir", tmp_path / "state", "--check")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "policy_engine" in proc.stdout
+    assert "1 embedded model(s) loaded" in proc.stdout
+    assert "the node answered: The capital of France is Paris." in proc.stdout
     render = tmp_path / "state" / "up-test" / "render"
     config = json.loads((render / "gateway" / "config.json").read_text())
     assert config["profile"] == "up-test"
@@ -111,3 +118,47 @@ def test_up_stops_opa_and_the_gateway_on_sigterm(tmp_path: Path) -> None:
                 process.kill()
     assert not _answers(opa_port)
     assert not _answers(gateway_port)
+
+
+@pytest.mark.slow
+def test_the_printed_token_gets_a_real_answer_through_the_openai_sdk(tmp_path: Path) -> None:
+    """README's main job: `sovereign up` on the embedded defaults, then the SDK as printed."""
+    gateway_port = _free_port()
+    profile = _profile(tmp_path, _free_port(), gateway_port, engine="embedded")
+    log = (tmp_path / "up.log").open("w+")
+    process = subprocess.Popen(
+        [SOVEREIGN, "up", str(profile), "--state-dir", str(tmp_path / "state")],
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        token = _printed_token(tmp_path / "up.log", process)
+        sdk = openai.OpenAI(base_url=f"http://127.0.0.1:{gateway_port}/v1", api_key=token)
+        answer = sdk.chat.completions.create(
+            model="default",
+            messages=[{"role": "user", "content": "Which city is the capital of France?"}],
+            temperature=0,
+        )
+    finally:
+        os.killpg(process.pid, signal.SIGINT)
+        process.wait(timeout=60)
+        log.close()
+    assert "Paris" in (answer.choices[0].message.content or "")
+    assert answer.usage is not None
+    assert answer.usage.completion_tokens > 0
+    assert process.returncode == 0, (tmp_path / "up.log").read_text()
+
+
+def _printed_token(log: Path, process: subprocess.Popen[str]) -> str:
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        match = re.search(r"^\s*export TOKEN=(\S+)$", log.read_text(), re.MULTILINE)
+        if match and "node is up" in log.read_text():
+            return match.group(1)
+        if process.poll() is not None:
+            pytest.fail(f"sovereign up exited {process.returncode}:\n{log.read_text()}")
+        time.sleep(0.2)
+    pytest.fail(f"sovereign up printed no token:\n{log.read_text()}")

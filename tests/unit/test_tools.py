@@ -63,7 +63,6 @@ def test_registry_pins_the_real_components() -> None:
         "keycloak",
         "smollm2",
         "minilm",
-        "llama-cpp-python",
     ]
     assert {n: c.version for n, c in tools.REGISTRY.items()} == {
         "apt": "bookworm",
@@ -71,7 +70,6 @@ def test_registry_pins_the_real_components() -> None:
         "keycloak": "26.5.6",
         "smollm2": "0.1.2",
         "minilm": "1.0.0",
-        "llama-cpp-python": "0.3.36",
     }
     for digest in (
         tools.KEYCLOAK_TARBALL_SHA256,
@@ -186,7 +184,6 @@ def test_artifact_accessors_name_the_install_command(tmp_path: Path) -> None:
         (tools.smollm2_gguf, "smollm2"),
         (tools.minilm_onnx, "minilm"),
         (tools.minilm_tokenizer, "minilm"),
-        (tools.llama_wheel, "llama-cpp-python"),
     ):
         with pytest.raises(tools.ToolMissing, match=f"sovereign tools install {name}"):
             accessor(tmp_path)

@@ -33,6 +33,12 @@ from sovereign.render import RenderError, render_to
 
 READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 15.0
+EXAMPLE_USER = "ada"
+EXAMPLE_ROLE = "user"
+EXAMPLE_TOKEN_TTL_S = 12 * 3600
+# SmolLM2-135M answers this one correctly with greedy decoding.
+CHECK_QUESTION = "Which city is the capital of France?"
+CHECK_CHAT_TIMEOUT_S = 120.0
 
 
 def default_state_dir() -> Path:
@@ -83,6 +89,42 @@ def _wait_for_health(
             return answer
         time.sleep(0.5)
     return answer
+
+
+def _local_token(profile: Profile) -> str | None:
+    """A token for the examples, from the personal node's own issuer; None for Keycloak."""
+    if profile.identity.provider != "local":
+        return None
+    keys = issuer.ensure_keys(Path(profile.identity.local_key_dir))
+    return issuer.mint(
+        keys,
+        issuer_url=str(profile.identity.issuer).rstrip("/"),
+        audience=profile.identity.audience,
+        subject=EXAMPLE_USER,
+        roles=[EXAMPLE_ROLE],
+        ttl_seconds=EXAMPLE_TOKEN_TTL_S,
+    )
+
+
+def _first_answer(base: str, model: str, token: str) -> str:
+    """Ask the node one question through the full chat flow; raises OSError on failure."""
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": CHECK_QUESTION}],
+        "max_tokens": 32,
+        "temperature": 0,
+    }
+    request = urllib.request.Request(  # noqa: S310 (the node's own listen address)
+        f"{base}/v1/chat/completions",
+        data=json.dumps(body).encode(),
+        headers={"authorization": f"Bearer {token}", "content-type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=CHECK_CHAT_TIMEOUT_S) as response:  # noqa: S310
+            answer = json.load(response)
+    except urllib.error.HTTPError as exc:
+        raise OSError(f"HTTP {exc.code}: {exc.read().decode(errors='replace')[:500]}") from None
+    return str(answer["choices"][0]["message"]["content"]).strip()
 
 
 def _prepare_local_dirs(profile: Profile) -> None:
@@ -178,8 +220,17 @@ def up(
         answer = _wait_for_health(health_url, processes)
         _print_health(health_url, answer, log_dir)
         ready = answer is not None and answer[0] == 200
+        base = f"http://{health_url.split('/')[2]}"
+        token = _local_token(profile) if ready else None
         if ready:
-            _print_examples(profile, file, f"http://{health_url.split('/')[2]}")
+            _print_examples(profile, file, base, token)
+        if ready and check and token is not None:
+            try:
+                reply = _first_answer(base, _example_model(profile), token)
+            except (OSError, ValueError, KeyError) as exc:
+                errors.print(f"error: the first chat request failed: {exc}", markup=False)
+                raise typer.Exit(EXIT_FAILED) from None
+            console.print(f"\nasked {CHECK_QUESTION!r}; the node answered: {reply}", markup=False)
         if check or not ready:
             raise typer.Exit(0 if ready else EXIT_FAILED)
         console.print("node is up; press Ctrl-C to stop it")
@@ -211,24 +262,35 @@ def _print_health(url: str, answer: tuple[int, dict[str, Any]] | None, log_dir: 
         errors.print(f"error: the node is not ready; logs are in {log_dir}", markup=False)
 
 
-def _print_examples(profile: Profile, file: Path | None, base: str) -> None:
-    model = profile.models[0].aliases[0] if profile.models[0].aliases else profile.models[0].name
-    if profile.identity.provider == "local":
+def _example_model(profile: Profile) -> str:
+    model = profile.models[0]
+    return model.aliases[0] if model.aliases else model.name
+
+
+def _print_examples(profile: Profile, file: Path | None, base: str, token: str | None) -> None:
+    if token is not None:
         where = "" if file is None else f" {file}"
-        token = f"TOKEN=$(uv run sovereign token{where} --user ada --role user)"
+        export = (
+            f"export TOKEN={token}\n"
+            f"  # user {EXAMPLE_USER}, role {EXAMPLE_ROLE}, valid {EXAMPLE_TOKEN_TTL_S // 3600} h; "
+            f"mint others with `uv run sovereign token{where} --user NAME --role ROLE`"
+        )
     else:
-        token = f"TOKEN=...  # an access token from {profile.identity.issuer}"
+        export = f"export TOKEN=...  # an access token from {profile.identity.issuer}"
+    model = _example_model(profile)
     console.print(
         "\nTry it (the gateway speaks the OpenAI API):\n"
-        f"  {token}\n"
+        f"  {export}\n"
         f'  curl -s {base}/v1/models -H "Authorization: Bearer $TOKEN"\n'
         f'  curl -s {base}/v1/chat/completions -H "Authorization: Bearer $TOKEN" \\\n'
         "    -H 'content-type: application/json' \\\n"
         f'    -d \'{{"model": "{model}", "messages": '
-        '[{"role": "user", "content": "Hello"}]}\'\n'
-        "  python -c 'import os, openai; c = openai.OpenAI("
+        f'[{{"role": "user", "content": "{CHECK_QUESTION}"}}]}}\'\n'
+        "  uv run python -c 'import os, openai; c = openai.OpenAI("
         f'base_url="{base}/v1", api_key=os.environ["TOKEN"]); '
-        "print([m.id for m in c.models.list()])'",
+        f'r = c.chat.completions.create(model="{model}", '
+        f'messages=[{{"role": "user", "content": "{CHECK_QUESTION}"}}]); '
+        "print(r.choices[0].message.content)'",
         markup=False,
         highlight=False,
         soft_wrap=True,

@@ -204,7 +204,6 @@ class Gateway:
             watch.cancel()
         if task.done():
             return task.result()
-        log.warning("DEBUG disconnect seen %s", time.time())
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError, ApiError):
             await task
