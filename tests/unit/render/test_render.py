@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sovereign_gateway.config import GatewayConfig
@@ -150,3 +151,61 @@ def test_a_local_issuer_renders_no_realm() -> None:
 
     assert render_files(personal, ["keycloak"]) == {}
     assert "keycloak/realm.json" in render_files(profile, ["keycloak"])
+
+
+def _routes(text: str) -> dict[str, Any]:
+    config = GatewayConfig.model_validate_json(
+        render_files(parse_profile(text, "node.yaml"), ["gateway"])["gateway/config.json"]
+    )
+    return {route.name: route for route in config.models}
+
+
+def test_the_embedded_default_runs_smollm2_in_the_gateway_from_the_tools_cache(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("SOVEREIGN_TOOLS_DIR", str(tmp_path))
+    route = _routes(EMBEDDED_DEFAULT)["smollm2-135m-instruct"]
+
+    assert route.replicas == []
+    assert route.weights == str(tmp_path / "smollm2-0.1.2" / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert (route.concurrency, route.workers, route.threads) == (1, 1, None)
+    assert (route.queue, route.queue_timeout_seconds, route.timeout_seconds) == (32, 30.0, 120.0)
+
+
+def test_datacenter_vllm_models_are_reached_through_their_in_cluster_service() -> None:
+    profile = load_profile(ROOT / "profiles" / "datacenter.yaml")
+    config = GatewayConfig.model_validate_json(render_files(profile)["gateway/config.json"])
+    for route in config.models:
+        assert route.weights is None
+        assert route.concurrency == 64
+        [url] = route.replicas
+        assert re.fullmatch(
+            r"http://vllm-[a-z0-9-]+\.sovereign-runtime\.svc\.cluster\.local:8000/v1", url
+        ), url
+
+
+def test_replicas_serving_and_the_gateway_upstream_reach_the_route() -> None:
+    routes = _routes(
+        "kind: personal\nname: t\n"
+        "gateway:\n  listen: 127.0.0.1:8000\n  upstream: http://127.0.0.1:7000/v1\n"
+        "models:\n"
+        "  - name: local\n    engine: llamacpp\n    source: file:/models/a.gguf\n"
+        "    context_length: 4096\n    allowed_roles: [user]\n"
+        "    replicas: [http://127.0.0.1:8081/v1/, http://127.0.0.1:8082/v1]\n"
+        "    serving: {concurrency: 4, queue: 0, queue_timeout: 2s, timeout: 10m}\n"
+        "  - name: remote\n    engine: upstream\n    source: http://10.0.0.5:8000/v1\n"
+        "    context_length: 4096\n    allowed_roles: [user]\n"
+        "    replicas: [http://10.0.0.6:8000/v1]\n"
+        "  - name: fallback\n    engine: llamacpp\n    source: file:/models/b.gguf\n"
+        "    context_length: 4096\n    allowed_roles: [user]\n"
+    )
+
+    local = routes["local"]
+    assert local.replicas == ["http://127.0.0.1:8081/v1", "http://127.0.0.1:8082/v1"]
+    assert (local.concurrency, local.queue, local.queue_timeout_seconds) == (4, 0, 2.0)
+    assert local.timeout_seconds == 600.0
+    assert local.weights is None
+    assert routes["remote"].replicas == ["http://10.0.0.5:8000/v1", "http://10.0.0.6:8000/v1"]
+    assert routes["remote"].concurrency == 16
+    # gateway.upstream answers for a model that names no server of its own.
+    assert routes["fallback"].replicas == ["http://127.0.0.1:7000/v1"]
