@@ -11,6 +11,8 @@ import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from typing import Any
@@ -487,3 +489,21 @@ def _wait_until_busy(node: RunningGateway, timeout: float = 30) -> None:
             pytest.fail("the request never reached the worker")
         time.sleep(0.05)
     time.sleep(0.3)  # past prompt evaluation, into generation
+
+
+def test_llama_cpp_is_the_portable_build() -> None:
+    """uv builds llama-cpp-python with GGML_NATIVE=OFF (pyproject's extra-build-variables).
+
+    The native build turns on AMX where the build machine has it, and segfaults on the first
+    generation on these CPUs; the portable one stops at AVX2.
+    """
+    # In a child: importing llama_cpp here would leave its /dev/null handles to pytest.
+    features = subprocess.run(
+        [sys.executable, "-c", "import llama_cpp; print(llama_cpp.llama_print_system_info())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "AVX2 = 1" in features
+    assert "AMX" not in features
+    assert "AVX512" not in features
