@@ -460,6 +460,28 @@ def test_a_client_that_disconnects_cancels_its_generation(node: RunningGateway) 
     assert [r["status"] for r in records if r["refusal"] == "client_disconnected"] == [499]
 
 
+def test_a_stream_whose_client_leaves_stops_generating(node: RunningGateway) -> None:
+    sdk = client(node)
+    stream = sdk.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": STORY}],
+        max_tokens=1500,
+        temperature=0,
+        stream=True,
+    )
+    received = [chunk for _, chunk in zip(range(5), stream, strict=False)]
+    stream.close()
+
+    records = wait_for_record(node, "stream_cancelled")
+    started = time.monotonic()
+    status, _ = node.chat(QUESTION, node.token(), model=MODEL, max_tokens=4)
+    assert status == 200
+    assert time.monotonic() - started < 8
+    assert len(received) == 5
+    assert [r["phase"] for r in records][-1] == "stream_cancelled"
+    assert records[-1]["response_digest"] is not None
+
+
 def test_weights_with_the_wrong_digest_are_refused_and_named(
     gateway_factory: GatewayFactory,
 ) -> None:

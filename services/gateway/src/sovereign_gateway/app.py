@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import logging
 import time
 import uuid
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import anyio
 import httpx
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -42,6 +44,7 @@ from sovereign_gateway.keyfiles import load_or_create_private_key
 from sovereign_gateway.lock import LockStatus, LockWatcher, facts_for
 from sovereign_gateway.metrics import CONTENT_TYPE, Metrics
 from sovereign_gateway.policy import Decision, PolicyEngine, PolicyUnavailable, create_engine
+from sovereign_gateway.runtime import sse
 from sovereign_gateway.runtime.base import EventStream, InferenceRequest, Usage
 from sovereign_gateway.runtime.embedded import unsupported_parameter
 from sovereign_gateway.runtime.router import Runtime
@@ -425,6 +428,9 @@ class Gateway:
             stream, call.replica = await backend.stream(request)
             return await self._stream(call, stream)
         completion, call.replica = await backend.complete(request)
+        if completion.status >= 400:
+            # The engine's refusal, relayed in OpenAI's shape: audit its code like our own.
+            call.refusal = _error_code(completion.body)
         self._count(call, completion.usage)
         if self.config.audit.capture_content:
             call.content["response"] = completion.body.decode(errors="replace")
@@ -464,6 +470,7 @@ class Gateway:
         captured: list[bytes] = []
         status = "stream_end"
         first_token = True
+        delivered = False
         try:
             async for event in stream.events():
                 digest.update(event)
@@ -475,27 +482,30 @@ class Gateway:
                         time.perf_counter() - call.started
                     )
                 yield event
+                delivered = event == sse.DONE
             if stream.failed is not None:
                 status = "stream_failed"
                 call.refusal = "upstream_error"
         except (asyncio.CancelledError, GeneratorExit):
-            status = "stream_cancelled"
+            # A client that closes right after [DONE] (the OpenAI SDK does) got everything.
+            status = "stream_end" if delivered else "stream_cancelled"
             raise
         finally:
-            await asyncio.shield(stream.aclose())
-            self._count(call, stream.usage)
-            call.response_digest = digest.hexdigest()
-            if captured:
-                call.content["response"] = b"".join(captured).decode(errors="replace")
-            record = self._record(call, 200, phase=status)
-            try:
-                await asyncio.shield(self.audit.append(record))
-            except asyncio.CancelledError:
-                pass
-            except Exception:
-                log.exception("audit append for a finished stream failed")
-                self.metrics.audit_failures.inc()
-            self._observe(call, 200)
+            # Starlette cancels this through an anyio cancel scope, which cancels again at
+            # every await: asyncio.shield alone would abort this block at its first await.
+            with anyio.CancelScope(shield=True):
+                await stream.aclose()
+                self._count(call, stream.usage)
+                call.response_digest = digest.hexdigest()
+                if captured:
+                    call.content["response"] = b"".join(captured).decode(errors="replace")
+                record = self._record(call, 200, phase=status)
+                try:
+                    await self.audit.append(record)
+                except Exception:
+                    log.exception("audit append for a finished stream failed")
+                    self.metrics.audit_failures.inc()
+                self._observe(call, 200)
 
     async def models_list(
         self, call: Call, body: None, route: ModelRoute | None, decision: Decision
@@ -569,6 +579,14 @@ async def _disconnected(request: Request) -> None:
     # The body is read already, so the next ASGI message is the disconnect, if it comes.
     while (await request.receive())["type"] != "http.disconnect":
         pass
+
+
+def _error_code(body: bytes) -> str:
+    try:
+        code = json.loads(body)["error"]["code"]
+    except (ValueError, KeyError, TypeError):
+        return "upstream_refused"
+    return str(code or "upstream_refused")
 
 
 def _has_content(event: bytes) -> bool:

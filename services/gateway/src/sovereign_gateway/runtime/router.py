@@ -212,11 +212,11 @@ class _Leased(EventStream):
         self.failed = self._inner.failed
 
     async def aclose(self) -> None:
-        self.usage = self.usage or self._inner.usage
-        self.failed = self.failed or self._inner.failed
         try:
             await self._inner.aclose()
         finally:
+            self.usage = self.usage or self._inner.usage
+            self.failed = self.failed or self._inner.failed
             if self._release is not None:
                 self._release()
                 self._release = None

@@ -118,10 +118,12 @@ class UpstreamStream(EventStream):
         self._reply = reply
         self._include_usage = include_usage
         self._clean = False
+        self._deltas = 0
+        self._last: dict[str, Any] = {}
 
     async def events(self) -> AsyncIterator[bytes]:
         splitter = sse.EventSplitter()
-        deltas = 0
+        self._deltas = 0
         done = False
         try:
             async for chunk in self._reply.content.iter_any():
@@ -132,24 +134,37 @@ class UpstreamStream(EventStream):
                         continue
                     if data == "[DONE]":
                         done = True
+                        if self._include_usage and self.usage is None:
+                            yield sse.event(self._usage_chunk())
                         yield sse.DONE
                         continue
                     relayed, counted = self._relayed(raw, data)
-                    deltas += counted
+                    self._deltas += counted
                     if relayed is not None:
                         yield relayed
         except TimeoutError:
             self.failed = "the inference backend timed out mid-stream"
         except aiohttp.ClientError as exc:
             self.failed = f"the inference backend failed mid-stream: {type(exc).__name__}"
+        finally:
+            # Also when the client leaves mid-stream: what was generated so far is counted.
+            if self.usage is None:
+                self.usage = Usage(None, self._deltas, "counted")
         if self.failed is None and not done:
             self.failed = "the inference backend ended the stream without [DONE]"
-        if self.usage is None:
-            self.usage = Usage(None, deltas, "counted")
         if self.failed is not None:
             yield sse.error_event(self.failed, "upstream_error")
         else:
             self._clean = True
+
+    def _usage_chunk(self) -> dict[str, Any]:
+        usage = Usage(None, self._deltas, "counted")
+        return {
+            **self._last,
+            "object": "chat.completion.chunk",
+            "choices": [],
+            "usage": {k: v for k, v in usage.as_dict().items() if k != "source"},
+        }
 
     def _relayed(self, raw: bytes, data: str) -> tuple[bytes | None, int]:
         try:
@@ -158,6 +173,7 @@ class UpstreamStream(EventStream):
             return raw, 0
         if not isinstance(chunk, dict):
             return raw, 0
+        self._last = {k: chunk[k] for k in ("id", "created", "model") if k in chunk}
         choices = chunk.get("choices") or []
         counted = sum(
             1
@@ -174,6 +190,8 @@ class UpstreamStream(EventStream):
         return sse.event({k: v for k, v in chunk.items() if k != "usage"}), counted
 
     async def aclose(self) -> None:
+        if self.usage is None:  # the client left mid-stream: count what it was sent
+            self.usage = Usage(None, self._deltas, "counted")
         # release returns a finished connection to the pool; close aborts an unfinished one,
         # which is what tells the engine to stop generating.
         if self._clean:
