@@ -100,21 +100,15 @@ def wait_for_restart(node: RunningGateway, old_pid: int, timeout: float = 60) ->
         time.sleep(0.1)
 
 
-def wait_for_record(node: RunningGateway, phase: str, timeout: float = 10) -> list[dict[str, Any]]:
-    """The chat records once one has `phase`: a stream's last record follows its last byte."""
+def wait_for_record(
+    node: RunningGateway, key: str, value: str, timeout: float = 10
+) -> list[dict[str, Any]]:
+    """The chat records once one has `key` == `value`: a stream's last record follows its
+    last byte, a cancelled request's follows the disconnect."""
     deadline = time.monotonic() + timeout
-    while not any(r["phase"] == phase for r in chat_records(node)):
+    while not any(r[key] == value for r in chat_records(node)):
         if time.monotonic() > deadline:
-            pytest.fail(f"no {phase} record in {chat_records(node)}")
-        time.sleep(0.05)
-    return chat_records(node)
-
-
-def wait_for_refusal(node: RunningGateway, code: str, timeout: float = 10) -> list[dict[str, Any]]:
-    deadline = time.monotonic() + timeout
-    while not any(r["refusal"] == code for r in chat_records(node)):
-        if time.monotonic() > deadline:
-            pytest.fail(f"no {code} record in {chat_records(node)}")
+            pytest.fail(f"no record with {key} {value} in {chat_records(node)}")
         time.sleep(0.05)
     return chat_records(node)
 
@@ -198,7 +192,7 @@ def test_a_stream_arrives_chunk_by_chunk(node: RunningGateway) -> None:
     assert span > 0.2
     gaps = [later - earlier for earlier, later in itertools.pairwise(arrivals)]
     assert sum(1 for gap in gaps if gap > 0.002) >= len(gaps) // 2
-    records = wait_for_record(node, "stream_end")
+    records = wait_for_record(node, "phase", "stream_end")
     assert [r["phase"] for r in records] == ["admitted", "stream_start", "stream_end"]
     assert records[-1]["usage"]["completion_tokens"] == 64
 
@@ -451,7 +445,7 @@ def test_a_client_that_disconnects_cancels_its_generation(node: RunningGateway) 
         )
         conn.sendall(head.encode() + body)
         _wait_until_busy(node)
-    records = wait_for_refusal(node, "client_disconnected")
+    records = wait_for_record(node, "refusal", "client_disconnected")
     # 1500 tokens take well over 10 s here; a cancelled generation frees the worker at once.
     started = time.monotonic()
     status, _ = node.chat(QUESTION, node.token(), model=MODEL, max_tokens=4)
@@ -472,7 +466,7 @@ def test_a_stream_whose_client_leaves_stops_generating(node: RunningGateway) -> 
     received = [chunk for _, chunk in zip(range(5), stream, strict=False)]
     stream.close()
 
-    records = wait_for_record(node, "stream_cancelled")
+    records = wait_for_record(node, "phase", "stream_cancelled")
     started = time.monotonic()
     status, _ = node.chat(QUESTION, node.token(), model=MODEL, max_tokens=4)
     assert status == 200

@@ -72,6 +72,11 @@ def _nodes(profile: Profile) -> Iterator[Violation]:
     for index, node in enumerate(profile.nodes):
         if node.gpu == "apple" and node.arch != "arm64":
             yield Violation(("nodes", index, "gpu"), "an apple GPU needs arch arm64")
+        if node.gpu == "none" and node.gpu_count != 1:
+            yield Violation(
+                ("nodes", index, "gpu_count"),
+                f"node {node.name!r} has gpu: none, so gpu_count {node.gpu_count} counts nothing",
+            )
 
 
 def _models(profile: Profile) -> Iterator[Violation]:

@@ -268,6 +268,13 @@ RULES = [
         "(e.g. http://127.0.0.1:8001/v1)",
     ),
     Case(
+        "gpu-count-without-a-gpu",
+        personal("nodes:\n  - name: n\n    gpu: none\n    gpu_count: 4\n"),
+        6,
+        "nodes[0].gpu_count",
+        "node 'n' has gpu: none, so gpu_count 4 counts nothing",
+    ),
+    Case(
         "embedded-engine-concurrency-above-one",
         personal(model("    serving:\n      concurrency: 4\n")),
         10,

@@ -266,6 +266,15 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_REFUSED
     try:
         engine = Engine(args.weights, args.n_ctx, args.threads)
+    except ImportError as exc:
+        channel.send(
+            {
+                "event": "refused",
+                "reason": f"llama-cpp-python is not installed ({exc}); install the gateway "
+                "with its llamacpp extra",
+            }
+        )
+        return EXIT_REFUSED
     except (RuntimeError, ValueError, OSError) as exc:
         channel.send({"event": "refused", "reason": f"cannot load {args.weights}: {exc}"})
         return EXIT_REFUSED
