@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
 import sys
 import tempfile
 import time
@@ -165,6 +166,19 @@ def llama_server(work: Path, threads: int, n_ctx: int) -> Iterator[tuple[str, in
         yield base, pid
 
 
+def revision() -> str:
+    """The commit the gateway runs from, with "+changes" when its source differs from it."""
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
+        return done.stdout.strip()
+
+    commit = git("rev-parse", "--short", "HEAD") or "?"
+    dirty = git("status", "--porcelain", "--", "services/gateway/src", "src")
+    return f"{commit}+changes" if dirty else commit
+
+
 def llama_cpp_version() -> str:
     import llama_cpp
 
@@ -187,6 +201,8 @@ class Reply:
     error: str | None = None  # an in-stream error event, or the body of a non-200
     retry_after: str | None = None
     code: str | None = None  # error.code of a non-200
+    done: bool = False  # [DONE] arrived
+    finish: str | None = None  # the finish_reason
 
     @property
     def tokens(self) -> int:
@@ -233,35 +249,48 @@ async def stream_chat(
             return reply
         buffer = b""
         parts: list[str] = []
-        async for piece in answer.content.iter_any():
-            now = time.perf_counter()
-            buffer = (buffer + piece).replace(b"\r\n", b"\n")  # sse-starlette sends CRLF
-            while b"\n\n" in buffer:
-                event, buffer = buffer.split(b"\n\n", 1)
-                for line in event.split(b"\n"):
-                    if not line.startswith(b"data:"):
-                        continue
-                    payload = line[5:].strip()
-                    if payload == b"[DONE]":
-                        continue
-                    chunk = json.loads(payload)
-                    if "error" in chunk:
-                        reply.error = json.dumps(chunk["error"])[:300]
-                        continue
-                    usage = chunk.get("usage")
-                    if isinstance(usage, dict) and usage.get("completion_tokens") is not None:
-                        reply.usage_tokens = int(usage["completion_tokens"])
-                    for choice in chunk.get("choices") or []:
-                        content = (choice.get("delta") or {}).get("content")
-                        if content:
-                            if reply.first is None:
-                                reply.first = now
-                            reply.last = now
-                            reply.chunks += 1
-                            parts.append(content)
+        try:
+            async for piece in answer.content.iter_any():
+                now = time.perf_counter()
+                buffer = (buffer + piece).replace(b"\r\n", b"\n")  # sse-starlette sends CRLF
+                while b"\n\n" in buffer:
+                    event, buffer = buffer.split(b"\n\n", 1)
+                    for line in event.split(b"\n"):
+                        if line.startswith(b"data:"):
+                            _take(reply, line[5:].strip(), now, parts)
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
+            reply.error = f"the stream broke off: {type(exc).__name__}"
         reply.end = time.perf_counter()
         reply.text = "".join(parts)
+        if reply.error is None and not reply.done:
+            reply.error = "the stream ended without [DONE]"
+        elif reply.error is None and reply.finish is None:
+            reply.error = "the stream ended without a finish_reason (cut short?)"
     return reply
+
+
+def _take(reply: Reply, payload: bytes, now: float, parts: list[str]) -> None:
+    """One SSE data line."""
+    if payload == b"[DONE]":
+        reply.done = True
+        return
+    chunk = json.loads(payload)
+    if "error" in chunk:
+        reply.error = json.dumps(chunk["error"])[:300]
+        return
+    usage = chunk.get("usage")
+    if isinstance(usage, dict) and usage.get("completion_tokens") is not None:
+        reply.usage_tokens = int(usage["completion_tokens"])
+    for choice in chunk.get("choices") or []:
+        if choice.get("finish_reason"):
+            reply.finish = choice["finish_reason"]
+        content = (choice.get("delta") or {}).get("content")
+        if content:
+            if reply.first is None:
+                reply.first = now
+            reply.last = now
+            reply.chunks += 1
+            parts.append(content)
 
 
 def client_session(connections: int, keep_alive: bool = True) -> aiohttp.ClientSession:

@@ -39,6 +39,7 @@ from runtime_common import (
     gateway,
     llama_cpp_version,
     percentile,
+    revision,
     smollm2_model,
     stream_chat,
 )
@@ -96,7 +97,9 @@ def scrape(gw: Gateway) -> dict[str, float]:
         return gauges(reply.read().decode())
 
 
-async def sampler(session: aiohttp.ClientSession, gw: Gateway, point: Point, stop: asyncio.Event):
+async def sampler(
+    session: aiohttp.ClientSession, gw: Gateway, point: Point, stop: asyncio.Event
+) -> None:
     while not stop.is_set():
         async with session.get(f"{gw.base}/metrics") as reply:
             values = gauges(await reply.text())
@@ -285,7 +288,8 @@ def main() -> int:
     honour = not args.no_retry_after
     work = Path(tempfile.mkdtemp(prefix="runtime-concurrency-"))
     began = time.monotonic()
-    print(f"{machine()}; {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M UTC}")
+    now = datetime.datetime.now(datetime.UTC)
+    print(f"{machine()}; {now:%Y-%m-%d %H:%M UTC}; gateway at {revision()}")
     serving = (
         f"{{queue: {args.queue}, queue_timeout: {args.queue_timeout}, threads: {args.threads}}}"
     )

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from collections.abc import AsyncIterator
 
+import aiohttp
 import pytest
 from sovereign_gateway.config import ModelRoute
 from sovereign_gateway.errors import ApiError
@@ -27,6 +29,7 @@ from sovereign_gateway.runtime.base import (
 )
 from sovereign_gateway.runtime.embedded import unsupported_parameter, worker_params
 from sovereign_gateway.runtime.router import ModelBackend
+from sovereign_gateway.runtime.upstream import UpstreamReplica
 from sovereign_gateway.runtime.worker import release_safe_text
 
 
@@ -294,3 +297,24 @@ def test_worker_params_flatten_text_parts_and_prefer_max_completion_tokens() -> 
         }
     )
     assert params == {"messages": [{"role": "user", "content": "ab"}], "max_tokens": 5, "seed": 3}
+
+
+@pytest.mark.anyio
+async def test_a_busy_replica_is_not_probed_and_an_idle_dead_one_is_marked_down() -> None:
+    """A one-request server answers a probe only after its generation, or aborts it."""
+    async with aiohttp.ClientSession() as session:
+        replica = UpstreamReplica(f"http://127.0.0.1:{_closed_port()}/v1", lambda: session)
+
+        await replica.probe(busy=True)
+        assert replica.state()[0] == "ready"
+        await replica.probe(busy=False)
+        assert replica.state()[0] == "down"
+        await replica.probe(busy=True)  # a down replica is probed even with requests on it
+        assert "ClientConnectorError" in replica.state()[1]
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port

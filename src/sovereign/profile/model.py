@@ -170,8 +170,8 @@ class Serving(StrictModel):
         ge=1,
         le=4096,
         description=(
-            "requests in flight per replica or worker; default 1 for the embedded llama.cpp "
-            "engine, 64 for vllm, 16 for other upstreams"
+            "requests in flight per replica or worker; default 1 for llamacpp (embedded or a "
+            "server), 64 for vllm, 16 for other upstreams"
         ),
     )
     queue: int = Field(

@@ -30,8 +30,9 @@ POLICY_TIMEOUT_SECONDS = 2.0
 JWKS_CACHE_SECONDS = 300
 JWKS_REFETCH_INTERVAL_SECONDS = 10.0
 # Requests in flight per replica when the profile leaves `serving.concurrency` out: vLLM
-# batches, so it takes many; the embedded engine runs one request per worker.
-DEFAULT_CONCURRENCY = {"vllm": 64, "upstream": 16, "llamacpp": 16}
+# batches, so it takes many; a llama.cpp server, like the embedded engine, runs one at a
+# time unless started with parallel slots (then raise serving.concurrency to match).
+DEFAULT_CONCURRENCY = {"vllm": 64, "upstream": 16, "llamacpp": 1}
 AUDIT_SEGMENT_MAX_BYTES = 64 * 1024 * 1024
 
 

@@ -54,6 +54,8 @@ class ChatCompletionRequest(_Request):
     seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    # llama.cpp's extension (vLLM calls its own repetition_penalty).
+    repeat_penalty: float | None = Field(default=None, gt=0, le=2)
     n: int | None = Field(default=None, ge=1, le=8)
     user: str | None = None
 

@@ -98,8 +98,11 @@ class Replica(ABC):
     async def stop(self) -> None:
         return None
 
-    async def probe(self) -> None:
-        """Refresh `state()` by asking the engine; called by the router's health loop."""
+    async def probe(self, busy: bool = False) -> None:
+        """Refresh `state()` by asking the engine; called by the router's health loop.
+
+        `busy`: requests are running on it right now.
+        """
         return
 
     def describe(self) -> dict[str, Any]:

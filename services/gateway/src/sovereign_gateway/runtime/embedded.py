@@ -56,6 +56,7 @@ SUPPORTED = frozenset(
         "user",
         "frequency_penalty",
         "presence_penalty",
+        "repeat_penalty",
     }
 )
 
@@ -85,7 +86,15 @@ def worker_params(payload: dict[str, Any]) -> dict[str, Any]:
     max_tokens = payload.get("max_completion_tokens") or payload.get("max_tokens")
     if max_tokens is not None:
         params["max_tokens"] = max_tokens
-    for name in ("temperature", "top_p", "stop", "seed", "frequency_penalty", "presence_penalty"):
+    for name in (
+        "temperature",
+        "top_p",
+        "stop",
+        "seed",
+        "frequency_penalty",
+        "presence_penalty",
+        "repeat_penalty",
+    ):
         if payload.get(name) is not None:
             params[name] = payload[name]
     return params

@@ -284,6 +284,8 @@ class Runtime:
     async def probe(self) -> None:
         for backend in self.backends.values():
             before = [replica.state()[0] for replica in backend.replicas]
-            await asyncio.gather(*(replica.probe() for replica in backend.replicas))
+            await asyncio.gather(
+                *(r.probe(busy=backend.in_flight[r.label] > 0) for r in backend.replicas)
+            )
             if before != [replica.state()[0] for replica in backend.replicas]:
                 backend.wake()

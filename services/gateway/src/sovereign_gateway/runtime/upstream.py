@@ -44,7 +44,11 @@ class UpstreamReplica(Replica):
     def mark(self, state: ReplicaState, detail: str) -> None:
         self._state, self._detail = state, detail
 
-    async def probe(self) -> None:
+    async def probe(self, busy: bool = False) -> None:
+        if busy and self._state == "ready":
+            # Traffic is proving it alive, and a probe would queue behind the generation on
+            # a one-request server (llama.cpp's Python server even interrupts it).
+            return
         try:
             async with self._session().get(
                 f"{self.base_url}/models", timeout=aiohttp.ClientTimeout(total=PROBE_TIMEOUT_S)

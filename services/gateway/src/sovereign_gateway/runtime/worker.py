@@ -20,9 +20,11 @@ from collections.abc import Generator, Iterator
 from typing import IO, Any, cast
 
 EXIT_REFUSED = 3
-# llama.cpp's own sampler defaults, so answers match `llama_cpp.server` for the same request.
+# llama-cpp-python's own defaults for a completion. Its server differs in repeat_penalty
+# (1.1), which a request may set to compare the two.
 DEFAULT_TEMPERATURE = 0.8
 DEFAULT_TOP_P = 0.95
+DEFAULT_REPEAT_PENALTY = 1.0
 
 
 class Channel:
@@ -145,6 +147,7 @@ class Engine:
             top_p=params.get("top_p", DEFAULT_TOP_P),
             frequency_penalty=params.get("frequency_penalty", 0.0),
             presence_penalty=params.get("presence_penalty", 0.0),
+            repeat_penalty=params.get("repeat_penalty", DEFAULT_REPEAT_PENALTY),
             seed=params.get("seed"),
             # Stop sequences are handled here, so an end-of-generation token is the only
             # reason llama.cpp itself says "stop" and the token count stays exact.
