@@ -318,3 +318,24 @@ def _closed_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
     return port
+
+
+@pytest.mark.anyio
+async def test_a_slow_replica_stays_in_until_it_is_silent_for_three_probes() -> None:
+    """A server busy with another client answers /models late; that alone is not down."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()  # accepts connections, never answers
+    try:
+        async with aiohttp.ClientSession() as session:
+            url = f"http://127.0.0.1:{server.getsockname()[1]}/v1"
+            replica = UpstreamReplica(url, lambda: session)
+            states = []
+            for _ in range(3):
+                await replica.probe()
+                states.append(replica.state()[0])
+    finally:
+        server.close()
+
+    assert states == ["ready", "ready", "down"]
+    assert replica.state()[1] == "no answer on /models in 3 probe(s)"

@@ -26,6 +26,8 @@ from sovereign_gateway.runtime.base import (
 )
 
 PROBE_TIMEOUT_S = 2.0
+# Probes run every 5 s, so a replica that stays silent for about 15 s is taken out.
+SILENT_PROBES_TO_DOWN = 3
 # Answers that say "this server cannot take requests now", not "this request is wrong".
 UNAVAILABLE = frozenset({502, 503, 504})
 
@@ -37,6 +39,7 @@ class UpstreamReplica(Replica):
         self._session = session
         self._state: ReplicaState = "ready"
         self._detail = "not probed yet"
+        self._silent = 0
 
     def state(self) -> tuple[ReplicaState, str]:
         return self._state, self._detail
@@ -53,12 +56,24 @@ class UpstreamReplica(Replica):
             async with self._session().get(
                 f"{self.base_url}/models", timeout=aiohttp.ClientTimeout(total=PROBE_TIMEOUT_S)
             ) as reply:
-                if reply.status == 200:
-                    self.mark("ready", "HTTP 200 on /models")
-                else:
-                    self.mark("down", f"HTTP {reply.status} on /models")
-        except (TimeoutError, aiohttp.ClientError) as exc:
+                status = reply.status
+        except TimeoutError:
+            # Slow is not dead: a server busy with another client's generation answers late.
+            # Only a run of silent probes takes a ready replica out.
+            self._silent += 1
+            if self._state == "ready" and self._silent < SILENT_PROBES_TO_DOWN:
+                self._detail = f"slow on /models ({self._silent} silent probe(s))"
+            else:
+                self.mark("down", f"no answer on /models in {self._silent} probe(s)")
+            return
+        except aiohttp.ClientError as exc:
             self.mark("down", f"{type(exc).__name__} on /models")
+            return
+        self._silent = 0
+        if status == 200:
+            self.mark("ready", "HTTP 200 on /models")
+        else:
+            self.mark("down", f"HTTP {status} on /models")
 
     async def _post(self, request: InferenceRequest, payload: dict[str, Any]) -> Any:
         timeout = aiohttp.ClientTimeout(total=request.route.timeout_seconds, connect=5.0)
