@@ -17,7 +17,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
 from sovereign_gateway.config import ModelRoute
@@ -236,7 +236,7 @@ class EmbeddedWorker(Replica):
         for queue in self._pending.values():
             queue.put_nowait(WorkerDied())
 
-    async def _events(self, request: InferenceRequest) -> AsyncIterator[dict[str, Any]]:
+    async def _events(self, request: InferenceRequest) -> AsyncGenerator[dict[str, Any], None]:
         """The worker's events for one request, ending with `done`; raises ApiError on failure."""
         process = self._process
         if self._state != "ready" or process is None or process.stdin is None:
@@ -342,7 +342,7 @@ class EmbeddedStream(EventStream):
         worker: EmbeddedWorker,
         request: InferenceRequest,
         first: dict[str, Any],
-        rest: AsyncIterator[dict[str, Any]],
+        rest: AsyncGenerator[dict[str, Any], None],
     ) -> None:
         self._worker = worker
         self._request = request
@@ -394,7 +394,7 @@ class EmbeddedStream(EventStream):
 
     async def aclose(self) -> None:
         # Closing the generator runs its cleanup, which cancels generation in the worker.
-        await self._rest.aclose()  # type: ignore[attr-defined]
+        await self._rest.aclose()
 
 
 def _parse(line: bytes) -> dict[str, Any]:
