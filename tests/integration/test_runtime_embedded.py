@@ -272,6 +272,22 @@ def test_sampling_parameters_are_honoured(node: RunningGateway) -> None:
     assert greedy.startswith(text)
 
 
+def test_unseeded_sampling_differs_after_a_restart(node: RunningGateway) -> None:
+    """Without a seed llama-cpp-python would replay the same seeds in every new worker."""
+
+    def first_answer() -> str:
+        pid = wait_for_worker(node, "ready")["pid"]
+        status, body = node.chat(
+            "Tell me a story.", node.token(), model=MODEL, temperature=1.5, max_tokens=24
+        )
+        assert status == 200, body
+        os.kill(pid, signal.SIGKILL)
+        wait_for_restart(node, pid)
+        return str(body["choices"][0]["message"]["content"])
+
+    assert first_answer() != first_answer()
+
+
 @pytest.mark.parametrize(
     ("options", "param"),
     [

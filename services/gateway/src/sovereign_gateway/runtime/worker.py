@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import queue
+import secrets
 import sys
 import threading
 from collections.abc import Generator, Iterator
@@ -148,7 +149,9 @@ class Engine:
             frequency_penalty=params.get("frequency_penalty", 0.0),
             presence_penalty=params.get("presence_penalty", 0.0),
             repeat_penalty=params.get("repeat_penalty", DEFAULT_REPEAT_PENALTY),
-            seed=params.get("seed"),
+            # Without one, llama-cpp-python derives each seed from the last, so every process
+            # would sample the same sequence after a start; unseeded means random here.
+            seed=params["seed"] if params.get("seed") is not None else secrets.randbits(32),
             # Stop sequences are handled here, so an end-of-generation token is the only
             # reason llama.cpp itself says "stop" and the token count stays exact.
             stop=[],
