@@ -21,7 +21,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -214,11 +214,16 @@ gateway:
 
 
 @contextmanager
-def gateway(work: Path, upstream_url: str) -> Iterator[Server]:
-    """Render a profile, mint a token and start `sovereign_gateway` on the render."""
+def rendered_gateway(
+    work: Path, profile_for: Callable[[Path, int], str]
+) -> Iterator[tuple[str, str, int, Path]]:
+    """Render `profile_for(home, port)`, mint a token, start `sovereign_gateway` on the render.
+
+    Gives its base URL (no /v1), the token, its pid and its home directory.
+    """
     home = Path(tempfile.mkdtemp(prefix="gateway-", dir=work))
     port = free_port()
-    profile = parse_profile(gateway_profile(home, port, upstream_url), str(home / "p.yaml"))
+    profile = parse_profile(profile_for(home, port), str(home / "p.yaml"))
     local = issuer.ensure_keys(Path(str(profile.identity.local_key_dir)))
     render_to(profile, home / "render")
     token = issuer.mint(
@@ -233,6 +238,18 @@ def gateway(work: Path, upstream_url: str) -> Iterator[Server]:
     command = [sys.executable, "-m", "sovereign_gateway", "--config", str(config)]
     base = f"http://127.0.0.1:{port}"
     with process(command, home / "gateway.log", f"{base}/health") as pid:
+        yield base, token, pid, home
+
+
+@contextmanager
+def gateway(work: Path, upstream_url: str) -> Iterator[Server]:
+    """The gateway with `upstream_url` as its models' server."""
+    with rendered_gateway(work, lambda home, port: gateway_profile(home, port, upstream_url)) as (
+        base,
+        token,
+        pid,
+        _,
+    ):
         yield Server("gateway", f"{base}/v1", token, [pid])
 
 

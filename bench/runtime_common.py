@@ -12,7 +12,6 @@ import json
 import math
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -23,11 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from gateway_overhead import cpu_seconds, free_port, process
+from gateway_overhead import cpu_seconds, free_port, process, rendered_gateway
 
-from sovereign import issuer, tools
-from sovereign.profile.loader import parse_profile
-from sovereign.render import render_to
+from sovereign import tools
 
 SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 SMOLLM2_SOURCE = "pkg:smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -115,24 +112,13 @@ class Gateway:
 @contextmanager
 def gateway(work: Path, models: str) -> Iterator[Gateway]:
     """Render a profile with `models`, mint a token, start the gateway, wait for its models."""
-    home = Path(tempfile.mkdtemp(prefix="gateway-", dir=work))
-    port = free_port()
-    profile = parse_profile(profile_text(home, port, models), str(home / "p.yaml"))
-    local = issuer.ensure_keys(Path(str(profile.identity.local_key_dir)))
-    render_to(profile, home / "render")
-    token = issuer.mint(
-        local,
-        issuer_url=str(profile.identity.issuer).rstrip("/"),
-        audience="sovereign-gateway",
-        subject="bench",
-        roles=["user"],
-        ttl_seconds=6 * 3600,
-    )
-    config = home / "render" / "gateway" / "config.json"
-    command = [sys.executable, "-m", "sovereign_gateway", "--config", str(config)]
-    base = f"http://127.0.0.1:{port}"
-    log = home / "gateway.log"
-    with process(command, log, f"{base}/health") as pid:
+    with rendered_gateway(work, lambda home, port: profile_text(home, port, models)) as (
+        base,
+        token,
+        pid,
+        home,
+    ):
+        log = home / "gateway.log"
         running = Gateway(base, token, pid, home)
         deadline = time.monotonic() + LOAD_TIMEOUT_S
         while not running.health().get("ready"):
