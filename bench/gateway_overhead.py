@@ -176,8 +176,11 @@ def upstream(work: Path, latency_ms: float) -> Iterator[tuple[str, int]]:
         yield base, pid
 
 
-def gateway_profile(home: Path, port: int, upstream_url: str) -> str:
-    """A personal profile: local issuer, embedded policy, DLP redact, audit on."""
+def gateway_profile(home: Path, port: int, models: str) -> str:
+    """A personal profile as shipped: local issuer, embedded policy, DLP redact, audit on.
+
+    `models` is the YAML list under `models:`.
+    """
     return f"""\
 kind: personal
 name: bench
@@ -188,12 +191,7 @@ identity:
   roles:
     admin: [admin, chat, embeddings, ingest, query, "models:read", "audit:read"]
     user: [chat, embeddings, ingest, "models:read"]
-models:
-  - name: {MODEL}
-    engine: upstream
-    source: {upstream_url}
-    context_length: 4096
-    allowed_roles: [admin, user]
+models:{models.rstrip()}
 memory:
   data_dir: {home}/memory
   key_file: {home}/keys/memory.kek
@@ -210,6 +208,16 @@ audit:
   capture_content: false
 gateway:
   listen: 127.0.0.1:{port}
+"""
+
+
+def upstream_model(upstream_url: str) -> str:
+    return f"""
+  - name: {MODEL}
+    engine: upstream
+    source: {upstream_url}
+    context_length: 4096
+    allowed_roles: [admin, user]
 """
 
 
@@ -244,7 +252,9 @@ def rendered_gateway(
 @contextmanager
 def gateway(work: Path, upstream_url: str) -> Iterator[Server]:
     """The gateway with `upstream_url` as its models' server."""
-    with rendered_gateway(work, lambda home, port: gateway_profile(home, port, upstream_url)) as (
+    with rendered_gateway(
+        work, lambda home, port: gateway_profile(home, port, upstream_model(upstream_url))
+    ) as (
         base,
         token,
         pid,
@@ -519,9 +529,18 @@ def table(points: list[Point], markdown: bool) -> list[str]:
                 f"{p.others_cpus:.2f}",
             ]
         )
+    return grid(head, rows, markdown, left=frozenset({1}))
+
+
+def grid(
+    head: list[str], rows: list[list[str]], markdown: bool, left: frozenset[int] = frozenset()
+) -> list[str]:
+    """A Markdown table, or right-aligned columns; `left` names the text columns."""
     if markdown:
-        lines = ["| " + " | ".join(head) + " |", "|---:|---|" + "---:|" * (len(head) - 2)]
-        return lines + ["| " + " | ".join(row) + " |" for row in rows]
+        rule = "".join("---|" if i in left else "---:|" for i in range(len(head)))
+        return ["| " + " | ".join(head) + " |", "|" + rule] + [
+            "| " + " | ".join(row) + " |" for row in rows
+        ]
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     return [
         "  ".join(cell.rjust(width) for cell, width in zip(row, widths, strict=True))

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from gateway_overhead import cpu_seconds, free_port, process, rendered_gateway
+from gateway_overhead import cpu_seconds, free_port, gateway_profile, process, rendered_gateway
 
 from sovereign import tools
 
@@ -49,38 +49,6 @@ def smollm2_model(name: str, *, replicas: list[str] | None = None, serving: str 
     if serving:
         text += f"    serving: {serving}\n"
     return text
-
-
-def profile_text(home: Path, port: int, models: str) -> str:
-    """A personal profile as shipped: local issuer, embedded policy, DLP redact, audit on."""
-    return f"""\
-kind: personal
-name: bench
-identity:
-  provider: local
-  issuer: http://127.0.0.1:{port}/local
-  local_key_dir: {home}/issuer
-  roles:
-    admin: [admin, chat, embeddings, ingest, query, "models:read", "audit:read"]
-    user: [chat, embeddings, ingest, "models:read"]
-models:{models.rstrip()}
-memory:
-  data_dir: {home}/memory
-  key_file: {home}/keys/memory.kek
-policy:
-  engine: embedded
-  dlp: redact
-  lock:
-    required: false
-    manifest: {home}/lock/lock.json
-    public_key: {home}/lock/lock.pub
-audit:
-  path: {home}/audit
-  signing_key: {home}/keys/audit.key
-  capture_content: false
-gateway:
-  listen: 127.0.0.1:{port}
-"""
 
 
 @dataclass
@@ -112,7 +80,7 @@ class Gateway:
 @contextmanager
 def gateway(work: Path, models: str) -> Iterator[Gateway]:
     """Render a profile with `models`, mint a token, start the gateway, wait for its models."""
-    with rendered_gateway(work, lambda home, port: profile_text(home, port, models)) as (
+    with rendered_gateway(work, lambda home, port: gateway_profile(home, port, models)) as (
         base,
         token,
         pid,

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
-from gateway_overhead import machine, machine_busy, wait_for_quiet
+from gateway_overhead import grid, machine, machine_busy, wait_for_quiet
 from runtime_common import (
     SMOLLM2_CONTEXT,
     CpuMeter,
@@ -224,14 +224,7 @@ HEAD = [
 
 def table(points: list[Point], markdown: bool) -> list[str]:
     body = [row(point) for point in points]
-    if markdown:
-        lines = ["| " + " | ".join(HEAD) + " |", "|" + "---:|" * len(HEAD)]
-        return lines + ["| " + " | ".join(cells) + " |" for cells in body]
-    widths = [max(len(r[i]) for r in [HEAD, *body]) for i in range(len(HEAD))]
-    return [
-        "  ".join(cell.rjust(width) for cell, width in zip(cells, widths, strict=True))
-        for cells in [HEAD, *body]
-    ]
+    return grid(HEAD, body, markdown)
 
 
 def readings(points: list[Point], queue: int) -> list[str]:

@@ -25,7 +25,7 @@ from pathlib import Path
 from statistics import median
 from typing import Any
 
-from gateway_overhead import machine, machine_busy, wait_for_quiet
+from gateway_overhead import grid, machine, machine_busy, wait_for_quiet
 from runtime_common import (
     SERVER_ALIAS,
     SMOLLM2_CONTEXT,
@@ -198,14 +198,7 @@ def table(rows: list[Summary], markdown: bool) -> list[str]:
         ]
         for s in rows
     ]
-    if markdown:
-        lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
-        return lines + ["| " + " | ".join(row) + " |" for row in body]
-    widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
-    return [
-        "  ".join(cell.rjust(width) for cell, width in zip(row, widths, strict=True))
-        for row in [head, *body]
-    ]
+    return grid(head, body, markdown, left=frozenset({0}))
 
 
 def paired_ttft_delta(target: Target, direct: Target) -> float:
