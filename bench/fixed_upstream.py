@@ -1,7 +1,9 @@
 """A fixed-latency OpenAI-compatible upstream on loopback, for gateway tests and benchmarks.
 
 It stands in for vLLM, which needs a GPU this machine does not have. It echoes the last
-user message (so callers can see what reached the model) after a fixed delay.
+user message (so callers can see what reached the model) after a fixed delay. A last
+message that starts with `echo-prompt:` gets the whole prompt back instead, as JSON, so a
+test can see everything the gateway put before it (retrieved context, for one).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ def create_app(latency_s: float) -> Starlette:
         messages = body.get("messages") or [{}]
         last = messages[-1].get("content", "")
         text = last if isinstance(last, str) else " ".join(p.get("text", "") for p in last)
-        reply = f"echo: {text}"
+        reply = json.dumps(messages) if text.startswith("echo-prompt:") else f"echo: {text}"
         created = int(time.time())
         model = body.get("model", "echo")
         usage = {"prompt_tokens": len(text.split()), "completion_tokens": len(reply.split())}

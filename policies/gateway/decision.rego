@@ -15,6 +15,7 @@ allow if {
 	_input_ok
 	rbac_allowed
 	clearance_allowed
+	memory_allowed
 	not dlp_blocks
 }
 
@@ -37,14 +38,22 @@ default decision := {
 	"allow": false,
 	"reasons": ["request input is missing or malformed"],
 	"redactions": [],
-	"obligations": {"dlp_findings": [], "max_classification": "public"},
+	"obligations": {
+		"dlp_findings": [],
+		"max_classification": "public",
+		"memory_access": {"classifications": [], "subject": "", "denied_tags": []},
+	},
 }
 
 decision := {
 	"allow": allow,
 	"reasons": reasons,
 	"redactions": redactions,
-	"obligations": {"dlp_findings": dlp_findings, "max_classification": max_classification},
+	"obligations": {
+		"dlp_findings": dlp_findings,
+		"max_classification": max_classification,
+		"memory_access": memory_access,
+	},
 }
 
 _refusals contains reason if some reason in rbac_reasons
@@ -52,6 +61,8 @@ _refusals contains reason if some reason in rbac_reasons
 _refusals contains reason if some reason in clearance_reasons
 
 _refusals contains reason if some reason in dlp_reasons
+
+_refusals contains reason if some reason in memory_reasons
 
 # The gateway always sends every key; anything else means a broken caller, so refuse.
 _input_ok if {

@@ -6,8 +6,14 @@ malformed := {
 	"allow": false,
 	"reasons": ["request input is missing or malformed"],
 	"redactions": [],
-	"obligations": {"dlp_findings": [], "max_classification": "public"},
+	"obligations": {
+		"dlp_findings": [],
+		"max_classification": "public",
+		"memory_access": {"classifications": [], "subject": "", "denied_tags": []},
+	},
 }
+
+user_access := {"classifications": ["public", "internal"], "subject": "u-1", "denied_tags": []}
 
 test_decision_denies_missing_input if {
 	decision := gateway.decision with data.sovereign.config as config
@@ -48,13 +54,17 @@ test_decision_allows_a_permitted_request if {
 		"allow": true,
 		"reasons": [],
 		"redactions": [],
-		"obligations": {"dlp_findings": [], "max_classification": "internal"},
+		"obligations": {
+			"dlp_findings": [],
+			"max_classification": "internal",
+			"memory_access": user_access,
+		},
 	}
 }
 
 test_decision_collects_every_reason_sorted if {
 	req := request({
-		"action": "query",
+		"action": "embed",
 		"subject": subject(["user"], false),
 		"resource": {"classification": "secret"},
 		"texts": ["ada@example.org"],
@@ -62,10 +72,10 @@ test_decision_collects_every_reason_sorted if {
 	decision := gateway.decision with input as req with data.sovereign.config as config
 	decision.allow == false
 	decision.reasons == [
-		"/embed and /query accept only service clients",
+		"/embed accepts only service clients",
 		"dlp: email found in the request (mode block)",
 		"resource classification secret is above the caller's clearance internal",
-		"role(s) user lack permission query",
+		"role(s) user lack permission embed",
 	]
 }
 
@@ -76,7 +86,11 @@ test_decision_block_mode_denies_a_permitted_request_with_findings if {
 		"allow": false,
 		"reasons": ["dlp: email found in the request (mode block)"],
 		"redactions": [],
-		"obligations": {"dlp_findings": [{"type": "email", "count": 1}], "max_classification": "internal"},
+		"obligations": {
+			"dlp_findings": [{"type": "email", "count": 1}],
+			"max_classification": "internal",
+			"memory_access": user_access,
+		},
 	}
 }
 
@@ -87,7 +101,11 @@ test_decision_redact_mode_allows_and_lists_redactions if {
 		"allow": true,
 		"reasons": [],
 		"redactions": [{"type": "payment_card", "text": "4111 1111 1111 1111"}],
-		"obligations": {"dlp_findings": [{"type": "payment_card", "count": 1}], "max_classification": "internal"},
+		"obligations": {
+			"dlp_findings": [{"type": "payment_card", "count": 1}],
+			"max_classification": "internal",
+			"memory_access": user_access,
+		},
 	}
 }
 
@@ -106,7 +124,11 @@ test_decision_log_mode_reports_findings_only if {
 		"allow": true,
 		"reasons": [],
 		"redactions": [],
-		"obligations": {"dlp_findings": [{"type": "email", "count": 1}], "max_classification": "internal"},
+		"obligations": {
+			"dlp_findings": [{"type": "email", "count": 1}],
+			"max_classification": "internal",
+			"memory_access": user_access,
+		},
 	}
 }
 

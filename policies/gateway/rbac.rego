@@ -6,8 +6,15 @@ package gateway
 
 # METADATA
 # title: Service-only actions
-# description: The retrieval and embedding endpoints serve internal clients, never users.
-service_only_actions := {"embed", "query"}
+# description: |
+#   The raw embedding endpoint serves internal clients, never users. Retrieval (/query)
+#   is open to any caller holding `query`: what it returns is filtered by memory_access.
+service_only_actions := {"embed"}
+
+# METADATA
+# title: Action permissions
+# description: Actions granted by another action's permission; the rest need their own.
+action_permissions := {"delete": "ingest"}
 
 # METADATA
 # title: RBAC allows
@@ -28,7 +35,7 @@ rbac_allowed if {
 rbac_reasons contains reason if {
 	is_string(input.action)
 	not _permitted
-	reason := concat("", ["role(s) ", _roles_text, " lack permission ", input.action])
+	reason := concat("", ["role(s) ", _roles_text, " lack permission ", _permission])
 }
 
 rbac_reasons contains reason if {
@@ -43,7 +50,7 @@ rbac_reasons contains reason if {
 	reason := concat("", ["model ", input.model, " is not allowed for role(s) ", _roles_text])
 }
 
-rbac_reasons contains "/embed and /query accept only service clients" if not _service_ok
+rbac_reasons contains "/embed accepts only service clients" if not _service_ok
 
 _roles contains role if {
 	is_array(input.subject.roles)
@@ -55,9 +62,11 @@ default _roles_text := "(none)"
 
 _roles_text := concat(", ", sort(_roles)) if count(_roles) > 0
 
+_permission := object.get(action_permissions, input.action, input.action)
+
 _permitted if {
 	some role in _roles
-	input.action in data.sovereign.config.roles[role]
+	_permission in data.sovereign.config.roles[role]
 }
 
 _model_named if is_string(input.model)

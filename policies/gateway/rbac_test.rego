@@ -105,11 +105,29 @@ test_rbac_allowed_service_client_queries if {
 	gateway.rbac_allowed with input as req with data.sovereign.config as config
 }
 
-test_rbac_allowed_denies_query_from_a_user_session if {
+test_rbac_allowed_admin_session_queries if {
 	req := request({"action": "query", "subject": subject(["admin"], false)})
+	gateway.rbac_allowed with input as req with data.sovereign.config as config
+}
+
+test_rbac_allowed_denies_query_without_the_permission if {
+	req := request({"action": "query"})
+	reasons := gateway.rbac_reasons with input as req with data.sovereign.config as config
+	reasons == {"role(s) user lack permission query"}
+}
+
+test_rbac_allowed_delete_takes_the_ingest_permission if {
+	gateway.rbac_allowed with input as request({"action": "delete"}) with data.sovereign.config as config
+	req := request({"action": "delete", "subject": subject(["service"], true)})
+	reasons := gateway.rbac_reasons with input as req with data.sovereign.config as config
+	reasons == {"role(s) service lack permission ingest"}
+}
+
+test_rbac_allowed_denies_embed_from_a_user_session if {
+	req := request({"action": "embed", "subject": subject(["admin", "service"], false)})
 	not gateway.rbac_allowed with input as req with data.sovereign.config as config
 	reasons := gateway.rbac_reasons with input as req with data.sovereign.config as config
-	reasons == {"/embed and /query accept only service clients"}
+	reasons == {"/embed accepts only service clients"}
 }
 
 test_rbac_allowed_denies_embed_when_the_service_flag_is_absent if {

@@ -148,10 +148,14 @@ def profile_text(
     lock_required: bool = False,
     capture_content: bool = False,
     models: str | None = None,
+    roles: str = "",
+    memory: str = "",
 ) -> str:
     """A personal node profile with every path under `home` and models served by `upstream`.
 
-    `models` replaces the two upstream models with a YAML list (the `models:` key's value).
+    `models` replaces the two upstream models with a YAML list (the `models:` key's value);
+    `roles` adds lines under identity.roles and `memory` lines under memory (YAML, indented
+    as their siblings are).
     """
     identity = identity or (
         f"  provider: local\n  issuer: http://127.0.0.1:{port}/local\n"
@@ -184,11 +188,11 @@ identity:
     user: [chat, embeddings, ingest, "models:read"]
     viewer: ["models:read"]
     service: [embed, query]
-models:{models.rstrip()}
+{roles}models:{models.rstrip()}
 memory:
   data_dir: {home}/memory
   key_file: {home}/keys/memory.kek
-policy:
+{memory}policy:
   engine: {engine}
   opa_url: http://127.0.0.1:{opa_port}
   dlp: {dlp}

@@ -176,35 +176,39 @@ def test_a_missing_or_invalid_token_is_401_with_a_bearer_challenge(
     assert _events(node, "chat")[-1]["actor"] is None
 
 
-def test_internal_endpoints_accept_only_service_clients(node: RunningGateway) -> None:
+def test_embed_accepts_only_service_clients(node: RunningGateway) -> None:
     user = node.token("root", ("admin",))
     service = node.token(
         "service-account-sovereign-memory", ("service",), client_id="sovereign-memory"
     )
 
-    refused, _, body = node.call("POST", "/query", {"query": "x"}, token=user)
-    accepted, _, _ = node.call("POST", "/query", {"query": "x"}, token=service)
+    refused, _, body = node.call("POST", "/embed", {"input": "x"}, token=user)
+    accepted, _, _ = node.call("POST", "/embed", {"input": "x"}, token=service)
 
     assert refused == 403, body
-    assert accepted == 501
-    assert [r["status"] for r in _events(node, "query")] == [403, 501]
+    assert "/embed accepts only service clients" in _error(json.loads(body))["message"]
+    assert accepted == 200
+    assert [r["status"] for r in _events(node, "embed")] == [403, 200]
 
 
 @pytest.mark.parametrize(
-    ("path", "body"),
+    ("path", "body", "status", "code"),
     [
-        ("/v1/embeddings", {"model": "echo-1", "input": "x"}),
-        ("/ingest", {"content": "x"}),
+        ("/v1/embeddings", {"model": "echo-1", "input": "x"}, 404, "model_not_found"),
+        ("/ingest", {"content": "x"}, 400, "invalid_base64"),
     ],
 )
-def test_memory_endpoints_pass_the_boundary_then_answer_501(
-    node: RunningGateway, path: str, body: dict[str, Any]
+def test_memory_endpoints_decide_and_audit_before_touching_memory(
+    node: RunningGateway, path: str, body: dict[str, Any], status: int, code: str
 ) -> None:
-    status, _, answer = node.call("POST", path, body, token=node.token())
+    got, _, answer = node.call("POST", path, body, token=node.token())
 
-    assert status == 501
-    assert _error(json.loads(answer))["code"] == "not_implemented"
-    assert _events(node)[-1]["decision"]["allow"] is True
+    assert got == status
+    assert _error(json.loads(answer))["code"] == code
+    admitted, complete = _events(node, admitted=True)[-2:]
+    assert admitted["phase"] == "admitted"
+    assert admitted["decision"]["allow"] is True
+    assert (complete["phase"], complete["status"]) == ("complete", status)
 
 
 @pytest.mark.parametrize("engine", ["embedded", "remote"])
@@ -274,8 +278,12 @@ def test_health_reports_each_component(node: RunningGateway) -> None:
         "audit_log",
         "compliance_lock",
         "runtime",
+        "memory",
     }
     assert health["components"]["compliance_lock"]["detail"] == "absent"
+    assert health["components"]["memory"]["detail"] == (
+        "0 document(s), 0 chunk(s); embedded store; file key v1; embeddings all-minilm-l6-v2"
+    )
     assert health["models"]["echo-1"]["ready"] is True
     assert health["models"]["echo-1"]["engine"] == "upstream"
 

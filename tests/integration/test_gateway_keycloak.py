@@ -143,8 +143,8 @@ def test_internal_endpoints_take_keycloak_service_client_tokens_only(
     service = keycloak.service_token()
     user = keycloak.password_token("root")
 
-    assert node.call("POST", "/query", {"query": "x"}, token=service)[0] == 501
-    assert node.call("POST", "/query", {"query": "x"}, token=user)[0] == 403
+    assert node.call("POST", "/embed", {"input": "x"}, token=service)[0] == 200
+    assert node.call("POST", "/embed", {"input": "x"}, token=user)[0] == 403
     assert node.chat("hi", service)[0] == 403
 
 

@@ -126,9 +126,20 @@ class Case:
                         {"type": kind, "count": n} for kind, n in sorted(self.findings.items())
                     ],
                     "max_classification": self.clearance,
+                    "memory_access": self.memory_access(),
                 }
             ),
         )
+
+    def memory_access(self) -> dict[str, Any]:
+        if "request input is missing or malformed" in self.reasons:
+            return {"classifications": (), "subject": "", "denied_tags": ()}
+        levels = ("public", "internal", "confidential", "secret")
+        return {
+            "classifications": levels[: levels.index(self.clearance) + 1],
+            "subject": self.input["subject"]["sub"],
+            "denied_tags": (),
+        }
 
 
 def _dlp_cases() -> list[Case]:
@@ -186,11 +197,27 @@ CASES = [
         ("model gpt-9 is not available on this node",),
     ),
     Case(
-        "query-needs-a-service-client",
-        _request(action="query", roles=("admin",)),
+        "embed-needs-a-service-client",
+        _request(action="embed", roles=("admin", "service")),
         False,
-        ("/embed and /query accept only service clients",),
+        ("/embed accepts only service clients",),
         clearance="secret",
+    ),
+    Case(
+        "an-admin-session-queries", _request(action="query", roles=("admin",)), clearance="secret"
+    ),
+    Case(
+        "delete-takes-the-ingest-permission",
+        _request(action="delete", resource={"classification": "internal", "owner": "u-1"}),
+    ),
+    Case(
+        "ingest-for-another-owner-needs-admin",
+        _request(action="ingest", resource={"classification": "internal", "owner": "bob"}),
+        False,
+        (
+            "the document's owner bob is not the caller; only an admin may ingest a document "
+            "for another owner",
+        ),
     ),
     Case(
         "service-embeds",
@@ -484,6 +511,7 @@ VALID = {
     "obligations": {
         "dlp_findings": [{"type": "email", "count": 1}],
         "max_classification": "public",
+        "memory_access": {"classifications": ["public"], "subject": "u-1", "denied_tags": []},
     },
 }
 
@@ -510,11 +538,35 @@ VALID = {
             {
                 **VALID,
                 "obligations": {
+                    **VALID["obligations"],
                     "dlp_findings": [{"type": "email", "count": True}],
-                    "max_classification": "public",
                 },
             },
             "malformed decision: a dlp finding needs",
+        ),
+        (
+            {
+                **VALID,
+                "obligations": {
+                    **VALID["obligations"],
+                    "memory_access": {"classifications": "secret", "subject": "u-1"},
+                },
+            },
+            "malformed decision: obligations.memory_access has keys",
+        ),
+        (
+            {
+                **VALID,
+                "obligations": {
+                    **VALID["obligations"],
+                    "memory_access": {
+                        "classifications": "secret",
+                        "subject": "u-1",
+                        "denied_tags": [],
+                    },
+                },
+            },
+            "malformed decision: obligations.memory_access.classifications is not a list",
         ),
     ],
     ids=lambda value: str(value)[:40],

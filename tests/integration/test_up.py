@@ -62,6 +62,11 @@ def test_up_check_starts_opa_and_the_gateway_and_gets_a_first_answer(tmp_path: P
     assert "policy_engine" in proc.stdout
     assert "1 embedded model(s) loaded" in proc.stdout
     assert "the node answered: The capital of France is Paris." in proc.stdout
+    assert "stored a note in encrypted memory" in proc.stdout
+    assert "the answer cites it" in proc.stdout
+    sealed = list((tmp_path / "memory" / "sealed").glob("*.sealed"))
+    assert len(sealed) == 1
+    assert b"oxygen" not in sealed[0].read_bytes()
     render = tmp_path / "state" / "up-test" / "render"
     config = json.loads((render / "gateway" / "config.json").read_text())
     assert config["profile"] == "up-test"

@@ -74,7 +74,7 @@ def create(
 ) -> None:
     """Pin the render's models, policy bundle, gateway config and egress mode, and sign it."""
     config_path = render / CONFIG
-    config = _load_config(config_path)
+    config = load_gateway_config(config_path)
     bundle = resolve(config_path, config.policy.bundle)
     if not bundle.is_dir():
         raise fail(f"{config_path}: policy.bundle {bundle} is not a directory")
@@ -114,7 +114,7 @@ def verify(
         raise fail(f"violation: {error}", EXIT_FAILED) from None
     if render is not None:
         config_path = render / CONFIG
-        reasons = drift(verified, _facts(config_path, _load_config(config_path)))
+        reasons = drift(verified, _facts(config_path, load_gateway_config(config_path)))
         if reasons:
             for reason in reasons:
                 errors.print(f"violation: {reason}", markup=False)
@@ -123,7 +123,8 @@ def verify(
     console.print(f"[green]✓[/green] {manifest}: {checked} ok (key {verified['key_id'][:16]})")
 
 
-def _load_config(path: Path) -> GatewayConfig:
+def load_gateway_config(path: Path) -> GatewayConfig:
+    """A render's gateway config, or an `error:` line and exit 2."""
     try:
         return load_config(path)
     except OSError as exc:

@@ -39,6 +39,12 @@ EXAMPLE_TOKEN_TTL_S = 12 * 3600
 # SmolLM2-135M answers this one correctly with greedy decoding.
 CHECK_QUESTION = "Which city is the capital of France?"
 CHECK_CHAT_TIMEOUT_S = 120.0
+# Stored in the node's encrypted memory by --check, then retrieved to ground an answer.
+CHECK_NOTE = (
+    "Ward 7 keeps its spare oxygen cylinders in the storeroom next to the nurses' station. "
+    "The cylinders are checked every Monday morning."
+)
+CHECK_NOTE_QUESTION = "Where does ward 7 keep its spare oxygen cylinders?"
 
 
 def default_state_dir() -> Path:
@@ -106,6 +112,21 @@ def _local_token(profile: Profile) -> str | None:
     )
 
 
+def _post(base: str, path: str, token: str, body: dict[str, Any]) -> dict[str, Any]:
+    """POST to the node; raises OSError on failure."""
+    request = urllib.request.Request(  # noqa: S310 (the node's own listen address)
+        f"{base}{path}",
+        data=json.dumps(body).encode(),
+        headers={"authorization": f"Bearer {token}", "content-type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=CHECK_CHAT_TIMEOUT_S) as response:  # noqa: S310
+            answer: dict[str, Any] = json.load(response)
+    except urllib.error.HTTPError as exc:
+        raise OSError(f"HTTP {exc.code}: {exc.read().decode(errors='replace')[:500]}") from None
+    return answer
+
+
 def _first_answer(base: str, model: str, token: str) -> str:
     """Ask the node one question through the full chat flow; raises OSError on failure."""
     body = {
@@ -114,17 +135,23 @@ def _first_answer(base: str, model: str, token: str) -> str:
         "max_tokens": 32,
         "temperature": 0,
     }
-    request = urllib.request.Request(  # noqa: S310 (the node's own listen address)
-        f"{base}/v1/chat/completions",
-        data=json.dumps(body).encode(),
-        headers={"authorization": f"Bearer {token}", "content-type": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=CHECK_CHAT_TIMEOUT_S) as response:  # noqa: S310
-            answer = json.load(response)
-    except urllib.error.HTTPError as exc:
-        raise OSError(f"HTTP {exc.code}: {exc.read().decode(errors='replace')[:500]}") from None
+    answer = _post(base, "/v1/chat/completions", token, body)
     return str(answer["choices"][0]["message"]["content"]).strip()
+
+
+def _grounded_answer(base: str, model: str, token: str) -> tuple[dict[str, Any], str, list[str]]:
+    """Store a note in the node's memory, then ask about it with retrieval on."""
+    stored = _post(base, "/ingest", token, {"text": CHECK_NOTE, "title": "sovereign up --check"})
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": CHECK_NOTE_QUESTION}],
+        "max_tokens": 48,
+        "temperature": 0,
+        "retrieval": True,
+    }
+    answer = _post(base, "/v1/chat/completions", token, body)
+    cited = [str(citation["document"]) for citation in answer.get("citations") or []]
+    return stored, str(answer["choices"][0]["message"]["content"]).strip(), cited
 
 
 def _prepare_local_dirs(profile: Profile) -> None:
@@ -231,6 +258,23 @@ def up(
                 errors.print(f"error: the first chat request failed: {exc}", markup=False)
                 raise typer.Exit(EXIT_FAILED) from None
             console.print(f"\nasked {CHECK_QUESTION!r}; the node answered: {reply}", markup=False)
+            try:
+                stored, grounded, cited = _grounded_answer(base, _example_model(profile), token)
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                errors.print(f"error: the memory check failed: {exc}", markup=False)
+                raise typer.Exit(EXIT_FAILED) from None
+            if stored["id"] not in cited:
+                errors.print(
+                    f"error: the grounded answer did not cite the stored note {stored['id']}",
+                    markup=False,
+                )
+                raise typer.Exit(EXIT_FAILED)
+            console.print(
+                f"stored a note in encrypted memory (document {stored['id'][:12]}…, "
+                f"{stored['chunks']} chunk(s)); asked {CHECK_NOTE_QUESTION!r} with retrieval; "
+                f"the answer cites it: {grounded}",
+                markup=False,
+            )
         if check or not ready:
             raise typer.Exit(0 if ready else EXIT_FAILED)
         console.print("node is up; press Ctrl-C to stop it")
@@ -290,7 +334,14 @@ def _print_examples(profile: Profile, file: Path | None, base: str, token: str |
         f'base_url="{base}/v1", api_key=os.environ["TOKEN"]); '
         f'r = c.chat.completions.create(model="{model}", '
         f'messages=[{{"role": "user", "content": "{CHECK_QUESTION}"}}]); '
-        "print(r.choices[0].message.content)'",
+        "print(r.choices[0].message.content)'\n"
+        "  # store a document in the node's encrypted memory, then chat grounded on it\n"
+        f'  curl -s {base}/ingest -H "Authorization: Bearer $TOKEN" -F file=@notes.pdf '
+        "-F classification=internal\n"
+        f'  curl -s {base}/v1/chat/completions -H "Authorization: Bearer $TOKEN" \\\n'
+        "    -H 'content-type: application/json' \\\n"
+        f'    -d \'{{"model": "{model}", "retrieval": true, "messages": '
+        '[{"role": "user", "content": "What do my notes say?"}]}\'',
         markup=False,
         highlight=False,
         soft_wrap=True,

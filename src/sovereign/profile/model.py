@@ -17,6 +17,7 @@ from sovereign.profile.types import (
     AbsolutePath,
     Arch,
     Cidr,
+    Classification,
     Destination,
     DlpMode,
     DnsLabel,
@@ -160,6 +161,13 @@ class Identity(StrictModel):
         default="/var/lib/sovereign/issuer",
         description="provider local: where the signing key pair and its JWKS live",
     )
+    clearances: dict[DnsLabel, Classification] = Field(
+        default_factory=dict,
+        description=(
+            "the highest document classification each role may read; a role left out gets "
+            "secret when it holds admin, embed or query, else internal"
+        ),
+    )
 
 
 class Serving(StrictModel):
@@ -241,6 +249,56 @@ class ModelSpec(StrictModel):
     )
 
 
+class Embeddings(StrictModel):
+    """The model that turns chunks and queries into vectors."""
+
+    engine: Literal["embedded", "upstream"] = Field(
+        default="embedded",
+        description="embedded: all-MiniLM-L6-v2 on onnxruntime in the gateway; upstream: an "
+        "OpenAI-compatible /v1/embeddings (vLLM or llama.cpp) at url",
+    )
+    model: str = Field(
+        default="all-minilm-l6-v2",
+        min_length=1,
+        max_length=256,
+        description="the name /v1/embeddings answers to, and the upstream's model name",
+    )
+    source: str = Field(
+        default="pkg:minilm/model.onnx",
+        description="embedded: the ONNX file (pkg:, bundle: or file:)",
+    )
+    sha256: Sha256 | None = Field(
+        default="8199be6f699a395f99f89df973f9dc5285fbcfcdb2ae1a4e1201dab014f3d2a6",
+        description="embedded: the ONNX file's digest, checked before it loads",
+    )
+    tokenizer: str = Field(
+        default="pkg:minilm/tokenizer.json",
+        description="the tokenizer.json chunk sizes are counted with (and the embedded model uses)",
+    )
+    url: HttpUrl | None = Field(default=None, description="upstream: the base URL, ending in /v1")
+    dimensions: int | None = Field(
+        default=None, ge=1, le=16384, description="upstream: the vector size it answers with"
+    )
+
+
+class Chunking(StrictModel):
+    size: int = Field(default=200, ge=16, le=254, description="tokens per chunk")
+    overlap: int = Field(default=32, ge=0, description="tokens shared by neighbouring chunks")
+
+
+class Retrieval(StrictModel):
+    """Retrieval-augmented chat: grounding answers on the caller's readable documents."""
+
+    chat: bool = Field(
+        default=False,
+        description="ground every chat completion; off: only requests that ask for it",
+    )
+    top_k: int = Field(default=4, ge=1, le=50, description="chunks put into the prompt")
+    min_score: float = Field(
+        default=0.25, ge=-1.0, le=1.0, description="cosine similarity a chunk needs to be used"
+    )
+
+
 class Memory(StrictModel):
     vector_store: VectorStore
     qdrant_url: HttpUrl | None = Field(default=None, description="required for qdrant")
@@ -249,7 +307,34 @@ class Memory(StrictModel):
     tpm_pcrs: list[int] = Field(
         default_factory=lambda: [7], description="PCRs the TPM-sealed key is bound to"
     )
+    tpm_tcti: str = Field(
+        default="device:/dev/tpmrm0",
+        min_length=1,
+        description="how tpm2-tools reach the TPM (a TCTI string)",
+    )
     data_dir: AbsolutePath
+    embeddings: Embeddings = Field(default_factory=Embeddings)
+    chunking: Chunking = Field(default_factory=Chunking)
+    retrieval: Retrieval = Field(default_factory=Retrieval)
+    max_document_bytes: int = Field(
+        default=32 * 1024 * 1024,
+        ge=1024,
+        le=1024 * 1024 * 1024,
+        description="the largest document /ingest accepts, before base64",
+    )
+    retention: Duration | None = Field(
+        default=None, description="how long a document without its own retention is kept"
+    )
+    retention_interval: Duration = Field(
+        default="1h", description="how often expired documents are crypto-shredded"
+    )
+    restricted_tags: dict[str, list[DnsLabel]] = Field(
+        default_factory=dict,
+        description=(
+            "need-to-know tags: a document carrying one is readable only by these roles "
+            "(and its owner), within their clearance"
+        ),
+    )
 
 
 class ComplianceLock(StrictModel):

@@ -268,6 +268,37 @@ def _memory_backends(profile: Profile) -> Iterator[Violation]:
         yield Violation(("memory", "key_file"), "key_source file needs key_file")
     if memory.key_source != "file" and memory.key_file is not None:
         yield Violation(("memory", "key_file"), "key_file is only used with key_source file")
+    embeddings = memory.embeddings
+    if embeddings.engine == "upstream":
+        if embeddings.url is None:
+            yield Violation(("memory", "embeddings", "url"), "engine upstream needs url")
+        if embeddings.dimensions is None:
+            yield Violation(
+                ("memory", "embeddings", "dimensions"),
+                "engine upstream needs dimensions (the vector size the store is built for)",
+            )
+    else:
+        if embeddings.url is not None:
+            yield Violation(
+                ("memory", "embeddings", "url"), "url is only used with engine upstream"
+            )
+        if embeddings.sha256 is None:
+            yield Violation(
+                ("memory", "embeddings", "sha256"),
+                "the embedded model's digest is needed: it is checked before the model loads",
+            )
+    if memory.chunking.overlap >= memory.chunking.size:
+        yield Violation(
+            ("memory", "chunking", "overlap"),
+            f"overlap {memory.chunking.overlap} must be below size {memory.chunking.size}",
+        )
+    for tag, roles in memory.restricted_tags.items():
+        for position, role in enumerate(roles):
+            if role not in profile.identity.roles:
+                yield Violation(
+                    ("memory", "restricted_tags", tag, position),
+                    f"role {role!r} is not in identity.roles ({', '.join(profile.identity.roles)})",
+                )
 
 
 def _is_loopback(url: HttpUrl) -> bool:
@@ -293,6 +324,12 @@ def _identity(profile: Profile) -> Iterator[Violation]:
                     ("identity", field, index, "roles", role_index),
                     f"role {role!r} is not in identity.roles ({', '.join(identity.roles)})",
                 )
+    for role in identity.clearances:
+        if role not in identity.roles:
+            yield Violation(
+                ("identity", "clearances", role),
+                f"role {role!r} is not in identity.roles ({', '.join(identity.roles)})",
+            )
     names = [user.name for user in identity.users]
     for index in _duplicates(names):
         yield Violation(

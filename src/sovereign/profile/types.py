@@ -24,6 +24,8 @@ Engine = Literal["vllm", "llamacpp", "upstream"]
 Quantization = Literal["int4", "awq", "gptq", "compressed-tensors", "bitsandbytes", "fp8", "none"]
 KvCacheDtype = Literal["auto", "fp8"]
 VectorStore = Literal["embedded", "qdrant"]
+# Lowest first: a caller cleared for a level sees it and every level below.
+Classification = Literal["public", "internal", "confidential", "secret"]
 KeySource = Literal["tpm", "passphrase", "file"]
 DlpMode = Literal["block", "redact", "log"]
 SandboxRuntime = Literal["gvisor", "kata", "runc"]

@@ -9,6 +9,7 @@ from sovereign_gateway.config import (
     SCHEMA_VERSION,
     AuditLog,
     ComplianceLock,
+    EmbeddingModel,
     GatewayConfig,
     Listen,
     MemoryStore,
@@ -34,6 +35,8 @@ JWKS_REFETCH_INTERVAL_SECONDS = 10.0
 # time unless started with parallel slots (then raise serving.concurrency to match).
 DEFAULT_CONCURRENCY = {"vllm": 64, "upstream": 16, "llamacpp": 1}
 AUDIT_SEGMENT_MAX_BYTES = 64 * 1024 * 1024
+# all-MiniLM-L6-v2's sentence embedding size.
+MINILM_DIMENSIONS = 384
 
 
 def gateway_config(profile: Profile) -> GatewayConfig:
@@ -70,14 +73,7 @@ def gateway_config(profile: Profile) -> GatewayConfig:
             timeout_seconds=POLICY_TIMEOUT_SECONDS,
         ),
         models=[model_route(profile, model) for model in profile.models],
-        memory=MemoryStore(
-            vector_store=profile.memory.vector_store,
-            qdrant_url=None
-            if profile.memory.qdrant_url is None
-            else str(profile.memory.qdrant_url),
-            key_source=profile.memory.key_source,
-            data_dir=profile.memory.data_dir,
-        ),
+        memory=memory_store(profile),
         audit=AuditLog(
             path=profile.audit.path,
             checkpoint_interval_seconds=duration_seconds(profile.audit.checkpoint_interval),
@@ -92,6 +88,40 @@ def gateway_config(profile: Profile) -> GatewayConfig:
             manifest=profile.policy.lock.manifest,
             public_key=profile.policy.lock.public_key,
         ),
+    )
+
+
+def memory_store(profile: Profile) -> MemoryStore:
+    memory = profile.memory
+    embeddings = memory.embeddings
+    embedded = embeddings.engine == "embedded"
+    return MemoryStore(
+        vector_store=memory.vector_store,
+        qdrant_url=None if memory.qdrant_url is None else str(memory.qdrant_url),
+        key_source=memory.key_source,
+        key_file=memory.key_file,
+        tpm_tcti=memory.tpm_tcti,
+        tpm_pcrs=list(memory.tpm_pcrs),
+        data_dir=memory.data_dir,
+        embeddings=EmbeddingModel(
+            engine=embeddings.engine,
+            model=embeddings.model,
+            weights=weights_path(embeddings.source) if embedded else None,
+            sha256=embeddings.sha256 if embedded else None,
+            tokenizer=weights_path(embeddings.tokenizer),
+            url=None if embeddings.url is None else str(embeddings.url).rstrip("/"),
+            dimensions=MINILM_DIMENSIONS if embedded else embeddings.dimensions or 0,
+        ),
+        chunk_tokens=memory.chunking.size,
+        chunk_overlap=memory.chunking.overlap,
+        rag_chat=memory.retrieval.chat,
+        rag_top_k=memory.retrieval.top_k,
+        rag_min_score=memory.retrieval.min_score,
+        max_document_bytes=memory.max_document_bytes,
+        default_retention_seconds=None
+        if memory.retention is None
+        else duration_seconds(memory.retention),
+        retention_interval_seconds=duration_seconds(memory.retention_interval),
     )
 
 

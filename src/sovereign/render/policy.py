@@ -19,9 +19,9 @@ GATEWAY_PACKAGE_DIR = "gateway"
 
 # Ordered lowest to highest: a caller cleared for a level sees it and everything below.
 CLASSIFICATIONS = ["public", "internal", "confidential", "secret"]
-# Administrators and the internal retrieval/embedding clients handle everything stored on
-# the node; every other role sees at most internal material.
-FULL_CLEARANCE_PERMISSIONS = frozenset({"admin", "embed", "query"})
+# Administrators and the internal embedding clients handle everything stored on the node;
+# every other role sees at most internal material unless identity.clearances says more.
+FULL_CLEARANCE_PERMISSIONS = frozenset({"admin", "embed"})
 
 
 def clearance(permissions: Iterable[str]) -> str:
@@ -50,7 +50,12 @@ def policy_data(profile: Profile) -> dict[str, object]:
                 "dlp": {"mode": profile.policy.dlp},
                 "classifications": CLASSIFICATIONS,
                 "clearances": {
-                    role: clearance(perms) for role, perms in sorted(identity.roles.items())
+                    role: identity.clearances.get(role, clearance(perms))
+                    for role, perms in sorted(identity.roles.items())
+                },
+                "restricted_tags": {
+                    tag: sorted(roles)
+                    for tag, roles in sorted(profile.memory.restricted_tags.items())
                 },
             }
         }

@@ -463,6 +463,57 @@ RULES = [
         "key_source file needs key_file",
     ),
     Case(
+        "upstream-embeddings-without-url",
+        personal("memory:\n  embeddings:\n    engine: upstream\n    dimensions: 768\n"),
+        4,
+        "memory.embeddings.url",
+        "engine upstream needs url",
+    ),
+    Case(
+        "upstream-embeddings-without-dimensions",
+        personal(
+            "memory:\n  embeddings:\n    engine: upstream\n    url: http://127.0.0.1:8080/v1\n"
+        ),
+        4,
+        "memory.embeddings.dimensions",
+        "engine upstream needs dimensions",
+    ),
+    Case(
+        "chunk-overlap-not-below-size",
+        personal("memory:\n  chunking:\n    size: 64\n    overlap: 64\n"),
+        6,
+        "memory.chunking.overlap",
+        "overlap 64 must be below size 64",
+    ),
+    Case(
+        "chunk-size-over-the-embedding-window",
+        personal("memory:\n  chunking:\n    size: 512\n"),
+        5,
+        "memory.chunking.size",
+        "less than or equal to 254",
+    ),
+    Case(
+        "restricted-tag-names-an-unknown-role",
+        personal("memory:\n  restricted_tags:\n    hr: [admin, payroll]\n"),
+        5,
+        "memory.restricted_tags.hr[1]",
+        "role 'payroll' is not in identity.roles",
+    ),
+    Case(
+        "clearance-for-an-unknown-role",
+        personal("identity:\n  clearances:\n    auditor: secret\n"),
+        5,
+        "identity.clearances.auditor",
+        "role 'auditor' is not in identity.roles",
+    ),
+    Case(
+        "bad-clearance-level",
+        personal("identity:\n  clearances:\n    user: top-secret\n"),
+        5,
+        "identity.clearances.user",
+        "Input should be 'public', 'internal', 'confidential' or 'secret'",
+    ),
+    Case(
         "pcr-out-of-range",
         air_gapped("memory:\n  tpm_pcrs: [7, 24]\n"),
         4,

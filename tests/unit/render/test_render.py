@@ -172,6 +172,47 @@ def test_the_embedded_default_runs_smollm2_in_the_gateway_from_the_tools_cache(
     assert (route.queue, route.queue_timeout_seconds, route.timeout_seconds) == (32, 30.0, 120.0)
 
 
+def test_the_embedded_default_embeds_with_minilm_from_the_tools_cache(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("SOVEREIGN_TOOLS_DIR", str(tmp_path))
+    files = render_files(parse_profile(EMBEDDED_DEFAULT, "node.yaml"), ["gateway"])
+    memory = GatewayConfig.model_validate_json(files["gateway/config.json"]).memory
+    assert memory.embeddings.engine == "embedded"
+    assert memory.embeddings.weights == str(tmp_path / "minilm-1.0.0" / "model.onnx")
+    assert memory.embeddings.tokenizer == str(tmp_path / "minilm-1.0.0" / "tokenizer.json")
+    assert memory.embeddings.sha256 == (
+        "8199be6f699a395f99f89df973f9dc5285fbcfcdb2ae1a4e1201dab014f3d2a6"
+    )
+    assert memory.embeddings.dimensions == 384
+    assert (memory.chunk_tokens, memory.chunk_overlap) == (200, 32)
+    assert (memory.rag_chat, memory.rag_top_k) == (False, 4)
+    assert memory.key_source == "file"
+    assert memory.key_file == "/var/lib/sovereign/keys/memory.kek"
+    assert memory.default_retention_seconds is None
+    assert memory.retention_interval_seconds == 3600
+
+
+def test_upstream_embeddings_clearances_and_restricted_tags_render() -> None:
+    profile = parse_profile(
+        "kind: personal\nname: t\n"
+        "identity:\n  clearances:\n    user: confidential\n"
+        "memory:\n  retention: 30d\n  restricted_tags:\n    hr: [admin]\n"
+        "  embeddings:\n    engine: upstream\n    model: nomic-embed\n"
+        "    url: http://127.0.0.1:8081/v1/\n    dimensions: 768\n",
+        "t.yaml",
+    )
+    files = render_files(profile, ["gateway", "policy"])
+    memory = GatewayConfig.model_validate_json(files["gateway/config.json"]).memory
+    assert memory.embeddings.url == "http://127.0.0.1:8081/v1"
+    assert (memory.embeddings.model, memory.embeddings.dimensions) == ("nomic-embed", 768)
+    assert memory.embeddings.weights is None
+    assert memory.default_retention_seconds == 30 * 86400
+    data = json.loads(files["policy/data.json"])["sovereign"]["config"]
+    assert data["clearances"] == {"admin": "secret", "service": "secret", "user": "confidential"}
+    assert data["restricted_tags"] == {"hr": ["admin"]}
+
+
 def test_datacenter_vllm_models_are_reached_through_their_in_cluster_service() -> None:
     profile = load_profile(ROOT / "profiles" / "datacenter.yaml")
     config = GatewayConfig.model_validate_json(render_files(profile)["gateway/config.json"])

@@ -85,11 +85,33 @@ class ModelRoute(_Strict):
     threads: int | None = Field(gt=0, description="embedded engine: threads per worker")
 
 
+class EmbeddingModel(_Strict):
+    engine: Literal["embedded", "upstream"]
+    model: str = Field(min_length=1, description="the name /v1/embeddings answers to")
+    weights: str | None = Field(description="embedded: the ONNX file, checked against sha256")
+    sha256: str | None
+    tokenizer: str = Field(description="tokenizer.json: chunk sizes are counted in its tokens")
+    url: str | None = Field(description="upstream: the OpenAI-compatible base URL (…/v1)")
+    dimensions: int = Field(gt=0)
+
+
 class MemoryStore(_Strict):
     vector_store: Literal["embedded", "qdrant"]
     qdrant_url: str | None
     key_source: Literal["tpm", "passphrase", "file"]
+    key_file: str | None
+    tpm_tcti: str
+    tpm_pcrs: list[int]
     data_dir: str
+    embeddings: EmbeddingModel
+    chunk_tokens: int = Field(gt=0)
+    chunk_overlap: int = Field(ge=0)
+    rag_chat: bool = Field(description="ground every chat completion on retrieved chunks")
+    rag_top_k: int = Field(gt=0)
+    rag_min_score: float = Field(ge=-1, le=1)
+    max_document_bytes: int = Field(gt=0)
+    default_retention_seconds: int | None = Field(gt=0)
+    retention_interval_seconds: int = Field(gt=0)
 
 
 class AuditLog(_Strict):

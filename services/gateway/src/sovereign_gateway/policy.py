@@ -22,7 +22,8 @@ import regorus  # type: ignore[import-untyped]  # the binding ships no type info
 _UNDEFINED = "<undefined>"
 _RVM_INSTRUCTION_LIMIT = "exceeded maximum instruction limit"
 _DECISION_KEYS = frozenset({"allow", "reasons", "redactions", "obligations"})
-_OBLIGATION_KEYS = frozenset({"dlp_findings", "max_classification"})
+_OBLIGATION_KEYS = frozenset({"dlp_findings", "max_classification", "memory_access"})
+_MEMORY_ACCESS_KEYS = frozenset({"classifications", "subject", "denied_tags"})
 
 
 class PolicyUnavailable(Exception):
@@ -87,6 +88,20 @@ def _dlp_finding(value: object) -> dict[str, Any]:
     return {"type": item["type"], "count": count}
 
 
+def _memory_access(value: object) -> dict[str, Any]:
+    """The retrieval filter; one malformed part refuses the request rather than widen it."""
+    access = _exact_keys(value, _MEMORY_ACCESS_KEYS, "obligations.memory_access")
+    if not isinstance(access["subject"], str):
+        raise _malformed("obligations.memory_access.subject is not a string")
+    return {
+        "classifications": _string_list(
+            access["classifications"], "obligations.memory_access.classifications"
+        ),
+        "subject": access["subject"],
+        "denied_tags": _string_list(access["denied_tags"], "obligations.memory_access.denied_tags"),
+    }
+
+
 def parse_decision(raw: object) -> Decision:
     """The policy's answer, checked field by field; anything else is `PolicyUnavailable`."""
     if raw is None:
@@ -111,6 +126,7 @@ def parse_decision(raw: object) -> Decision:
             {
                 "dlp_findings": [_dlp_finding(item) for item in findings],
                 "max_classification": obligations["max_classification"],
+                "memory_access": _memory_access(obligations["memory_access"]),
             }
         ),
     )

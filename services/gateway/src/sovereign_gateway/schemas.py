@@ -6,12 +6,17 @@ The OpenAPI document is generated from these same models, so it cannot drift fro
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import re
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_core import ErrorDetails
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
 
 from sovereign_gateway.errors import ApiError
 
@@ -38,6 +43,33 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+Classification = Literal["public", "internal", "confidential", "secret"]
+# The profile's tag syntax: what a payload index and a policy rule can match exactly.
+Tag = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,63}$")]
+DocumentId = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+RetentionDuration = Annotated[str, Field(pattern=r"^[1-9][0-9]*[smhdwy]$")]
+
+
+class QueryFilter(BaseModel):
+    """The caller's own narrowing; policy filtering applies on top, always."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+    documents: list[DocumentId] = Field(default_factory=list, max_length=100)
+    tags: list[Tag] = Field(default_factory=list, max_length=32, description="any of these")
+    classifications: list[Classification] = Field(default_factory=list)
+    owner: str | None = Field(default=None, min_length=1, max_length=256)
+
+
+class Retrieval(BaseModel):
+    """Extension: ground this chat on the caller's documents (RAG)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+    enabled: bool = True
+    top_k: int | None = Field(default=None, ge=1, le=50)
+    min_score: float | None = Field(default=None, ge=-1, le=1)
+    filter: QueryFilter | None = None
+
+
 class ChatCompletionRequest(_Request):
     model: str = Field(min_length=1, max_length=256)
     messages: list[ChatMessage] = Field(min_length=1)
@@ -58,6 +90,7 @@ class ChatCompletionRequest(_Request):
     repeat_penalty: float | None = Field(default=None, gt=0, le=2)
     n: int | None = Field(default=None, ge=1, le=8)
     user: str | None = None
+    retrieval: bool | Retrieval | None = None
 
     def texts(self) -> list[str]:
         found: list[str] = []
@@ -71,7 +104,11 @@ class ChatCompletionRequest(_Request):
 
 class EmbeddingsRequest(_Request):
     model: str = Field(min_length=1, max_length=256)
-    input: str | list[str] = Field(min_length=1)
+    # OpenAI's limits: at most 2048 inputs, none of them empty. Token-id inputs are not taken.
+    input: (
+        Annotated[str, Field(min_length=1)]
+        | Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=2048)]
+    )
     encoding_format: Literal["float", "base64"] | None = None
     dimensions: int | None = Field(default=None, ge=1)
     user: str | None = None
@@ -80,25 +117,76 @@ class EmbeddingsRequest(_Request):
         return [self.input] if isinstance(self.input, str) else list(self.input)
 
 
-class IngestRequest(_Request):
-    content: str = Field(min_length=1, description="the document, text or base64")
-    title: str | None = None
-    classification: Literal["public", "internal", "confidential", "secret"] = "internal"
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class IngestRequest(_Strict):
+    """A document and its metadata; as JSON (base64 `content`, or `text`) or multipart."""
+
+    content: str | None = Field(default=None, min_length=1, description="the document, base64")
+    text: str | None = Field(default=None, min_length=1, description="or the document as text")
+    media_type: str | None = Field(
+        default=None, max_length=255, description="e.g. application/pdf; else from filename"
+    )
+    filename: str | None = Field(default=None, min_length=1, max_length=255)
+    title: str | None = Field(default=None, min_length=1, max_length=1024)
+    classification: Classification = "internal"
+    owner: str | None = Field(
+        default=None, min_length=1, max_length=256, description="default: the caller (sub)"
+    )
+    tags: list[Tag] = Field(default_factory=list, max_length=32)
+    retention: RetentionDuration | None = Field(
+        default=None, description="keep for this long, e.g. 30d; default: the profile's"
+    )
+
+    def texts(self) -> list[str]:
+        # Documents are not DLP-scanned: they are stored for retrieval, not sent anywhere.
+        return []
+
+    def resource(self, subject: str) -> dict[str, Any]:
+        """What the policy decides on: the document as it would be stored."""
+        return {
+            "classification": self.classification,
+            "owner": self.owner or subject,
+            "tags": sorted(set(self.tags)),
+        }
+
+    def document(self) -> bytes:
+        if (self.content is None) == (self.text is None):
+            raise ApiError(
+                400,
+                "content: give the document as base64 `content` or as `text`, not both",
+                "invalid_request",
+                param="content",
+            )
+        if self.text is not None:
+            return self.text.encode()
+        try:
+            return base64.b64decode(self.content or "", validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise ApiError(
+                400, f"content: not valid base64: {exc}", "invalid_base64", param="content"
+            ) from None
+
+
+class EmbedRequest(_Strict):
+    input: str | Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=2048)] = (
+        Field(min_length=1)
+    )
 
     def texts(self) -> list[str]:
         return []
 
-
-class EmbedRequest(_Request):
-    input: str | list[str] = Field(min_length=1)
-
-    def texts(self) -> list[str]:
-        return []
+    def inputs(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else list(self.input)
 
 
-class QueryRequest(_Request):
-    query: str = Field(min_length=1)
+class QueryRequest(_Strict):
+    query: str = Field(min_length=1, max_length=8192)
     top_k: int = Field(default=5, ge=1, le=100)
+    min_score: float | None = Field(default=None, ge=-1, le=1)
+    filter: QueryFilter | None = None
 
     def texts(self) -> list[str]:
         return [self.query]
@@ -155,7 +243,7 @@ class Health(BaseModel):
     lock: dict[str, Any]
 
 
-def parse(raw: bytes, model: type[_Request]) -> Any:
+def parse(raw: bytes, model: type[BaseModel]) -> Any:
     try:
         data = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -231,8 +319,7 @@ def openapi_document(version: str) -> dict[str, Any]:
         schemas.update(schema.pop("$defs", {}))
         schemas[model.__name__] = schema
     object_schema = {"type": "object"}
-    not_yet = (400, 401, 403, 404, 413, 501, 503)
-    internal = (400, 401, 403, 413, 501, 503)
+    memory = (400, 401, 403, 413, 500, 503)
     return {
         "openapi": "3.1.0",
         "info": {"title": "SovereignStack gateway", "version": version},
@@ -264,15 +351,16 @@ def openapi_document(version: str) -> dict[str, Any]:
                     "OpenAI-compatible embeddings",
                     EmbeddingsRequest,
                     _json(object_schema, "embeddings"),
-                    refusals=not_yet,
+                    refusals=(400, 401, 403, 404, 413, 503),
                 )
             },
             "/ingest": {
                 "post": _operation(
-                    "document ingestion",
+                    "document ingestion: JSON (base64 `content` or `text`) or multipart/form-data "
+                    "with a `file` part; 201 when stored, 200 when stored already",
                     IngestRequest,
-                    _json(object_schema, "ingested"),
-                    refusals=internal,
+                    _json(object_schema, "the document's id, digest and chunk count"),
+                    refusals=(400, 401, 403, 409, 413, 422, 500, 503),
                 )
             },
             "/embed": {
@@ -280,16 +368,35 @@ def openapi_document(version: str) -> dict[str, Any]:
                     "vector embedding, for service clients only",
                     EmbedRequest,
                     _json(object_schema, "vectors"),
-                    refusals=internal,
+                    refusals=memory,
                 )
             },
             "/query": {
                 "post": _operation(
-                    "memory retrieval, for service clients only",
+                    "memory retrieval: the top k chunks the caller's clearance allows",
                     QueryRequest,
                     _json(object_schema, "matches"),
-                    refusals=internal,
+                    refusals=memory,
                 )
+            },
+            "/documents/{document_id}": {
+                "delete": {
+                    **_operation(
+                        "crypto-shred a document: its data key is destroyed",
+                        None,
+                        _json(object_schema, "deleted"),
+                        refusals=(400, 401, 403, 404, 503),
+                    ),
+                    "parameters": [
+                        {
+                            "name": "document_id",
+                            "in": "path",
+                            "required": True,
+                            "description": "the document's SHA-256, 64 lowercase hex digits",
+                            "schema": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+                        }
+                    ],
+                }
             },
             "/health": {
                 "get": {
@@ -321,3 +428,112 @@ def openapi_document(version: str) -> dict[str, Any]:
             },
         },
     }
+
+
+@dataclass
+class _Part:
+    headers: dict[str, str] = field(default_factory=dict)
+    data: bytearray = field(default_factory=bytearray)
+
+
+def _multipart_parts(raw: bytes, boundary: bytes) -> list[_Part]:
+    """Every part, in RAM. Starlette's form parser spools files over 1 MiB to a temporary
+    file, which would put a document's plaintext on disk; this parser never does."""
+    parts: list[_Part] = []
+    header: list[bytes] = [b"", b""]
+
+    def begin() -> None:
+        parts.append(_Part())
+
+    def data(buffer: bytes, start: int, end: int) -> None:
+        parts[-1].data += buffer[start:end]
+
+    def header_field(buffer: bytes, start: int, end: int) -> None:
+        header[0] += buffer[start:end]
+
+    def header_value(buffer: bytes, start: int, end: int) -> None:
+        header[1] += buffer[start:end]
+
+    def header_end() -> None:
+        parts[-1].headers[header[0].decode("latin-1").lower()] = header[1].decode("latin-1")
+        header[0], header[1] = b"", b""
+
+    parser = MultipartParser(
+        boundary,
+        {
+            "on_part_begin": begin,
+            "on_part_data": data,
+            "on_header_field": header_field,
+            "on_header_value": header_value,
+            "on_header_end": header_end,
+        },
+    )
+    try:
+        parser.write(raw)
+        parser.finalize()
+    except MultipartParseError as exc:
+        raise ApiError(
+            400, f"the multipart body is malformed: {exc}", "invalid_multipart"
+        ) from None
+    return parts
+
+
+# Form fields of a multipart ingest, besides the `file` part.
+_INGEST_FIELDS = frozenset({"title", "classification", "owner", "tags", "retention"})
+
+
+def parse_ingest(raw: bytes, content_type: str) -> IngestRequest:
+    """An ingest request from JSON, or from multipart/form-data with a `file` part."""
+    kind, options = parse_options_header(content_type)
+    if kind != b"multipart/form-data":
+        request: IngestRequest = parse(raw, IngestRequest)
+        return request
+    boundary = options.get(b"boundary")
+    if not boundary:
+        raise ApiError(400, "multipart/form-data needs a boundary", "invalid_multipart")
+    fields: dict[str, Any] = {}
+    tags: list[str] = []
+    for part in _multipart_parts(raw, boundary):
+        _, disposition = parse_options_header(part.headers.get("content-disposition", ""))
+        name = disposition.get(b"name", b"").decode("utf-8", "replace")
+        if name == "file":
+            if "content" in fields:
+                raise ApiError(
+                    400, "file: give one file per request", "invalid_request", param="file"
+                )
+            fields["content"] = base64.b64encode(bytes(part.data)).decode()
+            filename = disposition.get(b"filename")
+            if filename:
+                fields["filename"] = filename.decode("utf-8", "replace")
+            declared = part.headers.get("content-type")
+            if declared and declared != "application/octet-stream":
+                fields["media_type"] = declared
+        elif name in _INGEST_FIELDS:
+            try:
+                value = bytes(part.data).decode()
+            except UnicodeDecodeError:
+                raise ApiError(400, f"{name}: not UTF-8", "invalid_type", param=name) from None
+            if name == "tags":
+                tags.extend(tag.strip() for tag in value.split(",") if tag.strip())
+            else:
+                fields[name] = value
+        else:
+            raise ApiError(
+                400,
+                f"{name or '(unnamed)'}: unknown form field; expected file, "
+                + ", ".join(sorted(_INGEST_FIELDS)),
+                "invalid_request",
+                param=name or None,
+            )
+    if "content" not in fields:
+        raise ApiError(
+            400, "file: a multipart ingest needs a `file` part", "invalid_request", param="file"
+        )
+    if tags:
+        fields["tags"] = tags
+    try:
+        return IngestRequest.model_validate(fields)
+    except ValidationError as exc:
+        first = _most_telling(exc)
+        name = ".".join(str(p) for p in first["loc"]) or "body"
+        raise ApiError(400, f"{name}: {first['msg']}", "invalid_type", param=name) from None

@@ -1,0 +1,1 @@
+"""The memory layer: RAM-only ingest, envelope-encrypted chunks, embeddings, vector search."""
