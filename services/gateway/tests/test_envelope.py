@@ -114,6 +114,17 @@ def test_seal_chunks_binds_each_to_its_index() -> None:
         unseal(key, sealed[1], chunk_aad(DOC, 2, DATA_KEY_VERSION))
 
 
+def test_seal_chunks_split_over_threads_keeps_order_and_fresh_nonces() -> None:
+    key = new_data_key()
+    chunks = [f"chunk {index}".encode() for index in range(5000)]
+    sealed = seal_chunks(key, DOC, DATA_KEY_VERSION, chunks)
+    assert len(sealed) == len(chunks)
+    assert len({s[:12] for s in sealed}) == len(chunks)
+    for index in (0, 1249, 1250, 2500, 4999):
+        aad = chunk_aad(DOC, index, DATA_KEY_VERSION)
+        assert unseal(key, sealed[index], aad) == chunks[index]
+
+
 def test_every_seal_uses_a_fresh_nonce() -> None:
     key, aad = new_data_key(), chunk_aad(DOC, 0, DATA_KEY_VERSION)
     sealed = [seal(key, b"same chunk", aad) for _ in range(1000)]

@@ -269,6 +269,21 @@ class Catalog:
         return len(rows)
 
 
+def _write_all(descriptor: int, pieces: Sequence[bytes]) -> None:
+    """Gather-write the pieces in order, without first copying them into one buffer."""
+    batch = os.sysconf("SC_IOV_MAX")
+    for start in range(0, len(pieces), batch):
+        pending = [memoryview(piece) for piece in pieces[start : start + batch]]
+        first = 0
+        while first < len(pending):
+            written = os.writev(descriptor, pending[first:])
+            while first < len(pending) and written >= len(pending[first]):
+                written -= len(pending[first])
+                first += 1
+            if written:  # a short write ended inside this piece
+                pending[first] = pending[first][written:]
+
+
 class Vault:
     """One ciphertext file per document: `<dir>/<id>.sealed`, the sealed chunks in order."""
 
@@ -295,9 +310,7 @@ class Vault:
         partial = final.with_suffix(".partial")
         descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            view = memoryview(b"".join(sealed_chunks))
-            while view:
-                view = view[os.write(descriptor, view) :]
+            _write_all(descriptor, sealed_chunks)
             os.fsync(descriptor)
         finally:
             os.close(descriptor)

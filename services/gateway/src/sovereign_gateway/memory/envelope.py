@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
 import os
 import secrets
+import struct
 import unicodedata
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +56,10 @@ _NO_PASSPHRASE = (
     f"no memory passphrase was given ({PASSPHRASE_VARIABLE} or the systemd credential "
     f"{PASSPHRASE_CREDENTIAL})"
 )
+
+
+# A chunk AAD's index field: its 4-byte length, then the 8-byte index.
+_INDEX_FIELD = struct.Struct(">IQ")
 
 
 def _frame(label: str, *fields: bytes) -> bytes:
@@ -112,9 +119,42 @@ def unseal(key: bytes, sealed: bytes, aad: bytes) -> bytes:
 
 
 def seal_chunks(key: bytes, doc_id: str, key_version: int, chunks: Sequence[bytes]) -> list[bytes]:
-    """Chunk i sealed under `chunk_aad(doc_id, i, key_version)`."""
+    """Chunk i sealed under `chunk_aad(doc_id, i, key_version)`.
+
+    The same as sealing each in turn, built for the ingest path's ~1,000 chunks per MB:
+    one cipher object, the nonces from one read of the OS's CSPRNG, the AAD's fixed part
+    encoded once, and large documents split over the CPUs (AES-GCM releases the GIL),
+    since per-chunk overhead, not AES, bounds the throughput (docs/benchmarks.md).
+    """
     aead = _aead(key)
-    return [_seal(aead, chunk, chunk_aad(doc_id, i, key_version)) for i, chunk in enumerate(chunks)]
+    head = chunk_aad(doc_id, 0, key_version)[: -(8 + 4 + 4 + 4)]
+    tail = (4).to_bytes(4, "big") + key_version.to_bytes(4, "big")
+    nonces = os.urandom(NONCE_BYTES * len(chunks))
+
+    def seal_range(start: int, end: int) -> list[bytes]:
+        sealed = []
+        for index in range(start, end):
+            nonce = nonces[index * NONCE_BYTES : (index + 1) * NONCE_BYTES]
+            aad = head + _INDEX_FIELD.pack(8, index) + tail
+            sealed.append(nonce + aead.encrypt(nonce, chunks[index], aad))
+        return sealed
+
+    parts = min(_SEALERS_MAX, len(chunks) // _CHUNKS_PER_PART)
+    if parts < 2:
+        return seal_range(0, len(chunks))
+    bounds = [len(chunks) * part // parts for part in range(parts + 1)]
+    ranges = _sealers().map(seal_range, bounds[:-1], bounds[1:])
+    return [sealed for part in ranges for sealed in part]
+
+
+# Below this many chunks per part, handing work to a thread costs more than it saves.
+_CHUNKS_PER_PART = 512
+_SEALERS_MAX = max(1, min(4, os.cpu_count() or 1))
+
+
+@functools.cache
+def _sealers() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=_SEALERS_MAX, thread_name_prefix="seal")
 
 
 @dataclass(frozen=True)
