@@ -16,7 +16,7 @@ from sovereign_gateway.memory import envelope
 from sovereign_gateway.memory.chunking import Chunker
 from sovereign_gateway.memory.embeddings import MiniLMEmbedder
 from sovereign_gateway.memory.errors import KeyUnavailable, Tampered
-from sovereign_gateway.memory.service import DocumentMeta, Memory
+from sovereign_gateway.memory.service import DocumentConflict, DocumentMeta, Memory
 from sovereign_gateway.memory.store import Access, open_store
 
 from sovereign import tools
@@ -68,7 +68,7 @@ TEXT = " ".join(f"Sentence {n} is about the hospital's linen supply." for n in r
 
 @pytest.mark.anyio
 async def test_ingest_then_query_round_trips_through_ciphertext(memory: Memory) -> None:
-    result = await memory.ingest(TEXT.encode(), meta(title="Linen"))
+    result = await memory.ingest(TEXT.encode(), meta(title="Linen"), EVERYTHING)
     assert result.id == hashlib.sha256(TEXT.encode()).hexdigest()
     assert result.chunks > 3
     matches = await memory.query("linen supply", 3, EVERYTHING)
@@ -80,15 +80,15 @@ async def test_ingest_then_query_round_trips_through_ciphertext(memory: Memory) 
 
 @pytest.mark.anyio
 async def test_check_finds_and_repairs_every_kind_of_orphan(memory: Memory) -> None:
-    kept = await memory.ingest(b"The pharmacy opens at eight.", meta())
-    unindexed = await memory.ingest(b"The chapel is on the second floor.", meta())
-    missing = await memory.ingest(b"The car park closes at midnight.", meta())
+    kept = await memory.ingest(b"The pharmacy opens at eight.", meta(), EVERYTHING)
+    unindexed = await memory.ingest(b"The chapel is on the second floor.", meta(), EVERYTHING)
+    missing = await memory.ingest(b"The car park closes at midnight.", meta(), EVERYTHING)
     await memory.store.delete_document(unindexed.id)
     memory.vault.remove(missing.id)
     memory.vault.write("f" * 64, [b"orphan ciphertext"])
     # A pending record with its vectors: an ingest killed between upsert and commit.
     pending_text = b"The lift on the east side is out of order."
-    await memory.ingest(pending_text, meta())
+    await memory.ingest(pending_text, meta(), EVERYTHING)
     pending_id = hashlib.sha256(pending_text).hexdigest()
     memory.catalog._db.execute("UPDATE documents SET state = 'pending' WHERE id = ?", (pending_id,))
     report = await memory.check()
@@ -117,7 +117,7 @@ async def test_check_finds_and_repairs_every_kind_of_orphan(memory: Memory) -> N
 
 @pytest.mark.anyio
 async def test_vectors_without_a_record_are_reported_and_removed(memory: Memory) -> None:
-    doc = await memory.ingest(b"The canteen serves soup on Mondays.", meta())
+    doc = await memory.ingest(b"The canteen serves soup on Mondays.", meta(), EVERYTHING)
     memory.catalog.delete(doc.id)  # the record is gone, the vectors and file remain
     report = await memory.check()
     assert report.unknown_vectors == [doc.id]
@@ -131,7 +131,7 @@ async def test_vectors_without_a_record_are_reported_and_removed(memory: Memory)
 async def test_deleting_destroys_the_key_so_a_kept_ciphertext_is_unreadable(
     memory: Memory,
 ) -> None:
-    doc = await memory.ingest(TEXT.encode(), meta())
+    doc = await memory.ingest(TEXT.encode(), meta(), EVERYTHING)
     record = await memory.document(doc.id)
     assert record is not None
     kept = memory.vault.path(doc.id).read_bytes()
@@ -140,7 +140,7 @@ async def test_deleting_destroys_the_key_so_a_kept_ciphertext_is_unreadable(
     assert not await memory.delete(doc.id)
     # Even with the old wrapped key, the right KEK is the only way in; the catalog no
     # longer has it, and no other document's key opens this ciphertext.
-    other = await memory.ingest(b"Another document.", meta())
+    other = await memory.ingest(b"Another document.", meta(), EVERYTHING)
     other_record = await memory.document(other.id)
     assert other_record is not None
     other_key = memory.keyring.kek(other_record.kek_version).unwrap(
@@ -155,8 +155,8 @@ async def test_deleting_destroys_the_key_so_a_kept_ciphertext_is_unreadable(
 @pytest.mark.anyio
 async def test_rotation_rewraps_every_key_and_leaves_ciphertexts_alone(tmp_path: Path) -> None:
     memory = await open_memory(tmp_path)
-    first = await memory.ingest(b"The blood bank is in the basement.", meta())
-    second = await memory.ingest(TEXT.encode(), meta())
+    first = await memory.ingest(b"The blood bank is in the basement.", meta(), EVERYTHING)
+    second = await memory.ingest(TEXT.encode(), meta(), EVERYTHING)
     files = {doc: memory.vault.path(doc).read_bytes() for doc in (first.id, second.id)}
     before = {doc: memory.catalog.get(doc) for doc in files}
 
@@ -183,3 +183,53 @@ async def test_rotation_rewraps_every_key_and_leaves_ciphertexts_alone(tmp_path:
     assert not (tmp_path / "memory.kek").exists()
     with pytest.raises(KeyUnavailable, match="sovereign keys rotate"):
         envelope.KeyRing.open(settings(tmp_path, "memory.kek"), create=False)
+
+
+@pytest.mark.anyio
+async def test_a_missing_ciphertext_is_only_reported_unless_shredding_is_asked_for(
+    memory: Memory,
+) -> None:
+    doc = await memory.ingest(b"The morgue is in the basement.", meta(), EVERYTHING)
+    memory.vault.remove(doc.id)  # as if the volume were not mounted yet
+    report = await memory.check(repair=True, shred_missing=False)
+    assert report.missing_ciphertext == [doc.id]
+    assert not report.repaired
+    assert await memory.document(doc.id) is not None  # the key survives for a later mount
+    await memory.check(repair=True)
+    assert await memory.document(doc.id) is None
+
+
+@pytest.mark.anyio
+async def test_retention_audits_each_document_before_it_goes(memory: Memory) -> None:
+    kept = await memory.ingest(b"Kept for good.", meta(), EVERYTHING)
+    first = await memory.ingest(b"Expires first.", meta(retention_seconds=10), EVERYTHING)
+    second = await memory.ingest(b"Expires too.", meta(retention_seconds=20), EVERYTHING)
+    audited: list[str] = []
+
+    async def audit(doc_id: str) -> None:
+        if len(audited) == 1:
+            raise OSError("audit log full")
+        audited.append(doc_id)
+
+    later = first.expires_at + 100  # type: ignore[operator]
+    with pytest.raises(OSError, match="audit log full"):
+        await memory.expire(audit, now=later)
+    # The first went after its record; the second stays, since its record failed.
+    assert audited == [first.id]
+    assert await memory.document(first.id) is None
+    assert await memory.document(second.id) is not None
+    assert await memory.document(kept.id) is not None
+
+
+@pytest.mark.anyio
+async def test_the_same_content_is_described_only_to_a_caller_who_may_read_it(
+    memory: Memory,
+) -> None:
+    await memory.ingest(b"Payroll for March.", meta(classification="secret"), EVERYTHING)
+    reader = Access(classifications=("public", "internal"), subject="u")
+    with pytest.raises(DocumentConflict) as refused:
+        await memory.ingest(b"Payroll for March.", meta(), reader)
+    assert "secret" not in str(refused.value)
+    assert "classification" not in str(refused.value)
+    with pytest.raises(DocumentConflict, match="classification"):
+        await memory.ingest(b"Payroll for March.", meta(), EVERYTHING)

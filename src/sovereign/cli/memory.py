@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import getpass
 import json
 import os
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import aiohttp
 import typer
+from sovereign_gateway.audit import AuditLog
 from sovereign_gateway.config import GatewayConfig, resolve
+from sovereign_gateway.keyfiles import load_or_create_private_key
 from sovereign_gateway.memory import envelope
 from sovereign_gateway.memory.catalog import Catalog
 from sovereign_gateway.memory.errors import MemoryFailure
@@ -43,6 +46,45 @@ Result = TypeVar("Result")
 RenderOption = Annotated[
     Path, typer.Option("--render", help="a `sovereign render` output directory")
 ]
+
+
+def record_event(
+    config_path: Path, config: GatewayConfig, action: str, details: dict[str, Any]
+) -> None:
+    """Append the change to the node's audit log, as the gateway would have."""
+    audit = config.audit
+
+    async def append() -> None:
+        log = AuditLog(
+            resolve(config_path, audit.path),
+            load_or_create_private_key(resolve(config_path, audit.signing_key)),
+            checkpoint_records=audit.checkpoint_records,
+            checkpoint_interval_seconds=audit.checkpoint_interval_seconds,
+            segment_max_bytes=audit.segment_max_bytes,
+            profile=config.profile,
+        )
+        await log.open()
+        try:
+            await log.append(
+                {
+                    "type": "event",
+                    "action": action,
+                    "resource": "/documents",
+                    "actor": {
+                        "sub": f"cli:{getpass.getuser()}",
+                        "client": "sovereign",
+                        "roles": [],
+                    },
+                    "memory": details,
+                }
+            )
+        finally:
+            await log.close()
+
+    try:
+        asyncio.run(append())
+    except Exception as exc:
+        raise fail(f"the change is done but could not be audited: {exc}", EXIT_FAILED) from None
 
 
 def with_memory(
@@ -84,7 +126,9 @@ def check(
     async def work(memory: Memory) -> CheckReport:
         return await memory.check(repair=repair)
 
-    _, report = with_memory(render, work)
+    config, report = with_memory(render, work)
+    if report.repaired:
+        record_event(render / CONFIG, config, "memory.repair", report.as_dict())
     if as_json:
         print(json.dumps(report.as_dict(), indent=2))
     else:
@@ -167,6 +211,16 @@ def rotate(render: RenderOption) -> None:
         raise fail(str(error)) from None
     finally:
         catalog.close()
+    record_event(
+        config_path,
+        config,
+        "memory.keys.rotate",
+        {
+            "from": {"version": before, "source": old.source},
+            "to": {"version": ring.current.version, "source": new.source},
+            "rewrapped": count,
+        },
+    )
     console.print(
         f"✓ KEK v{before} ({envelope.describe(old)}) → v{ring.current.version} "
         f"({envelope.describe(new)}): {count} data key(s) rewrapped, ciphertexts untouched",

@@ -107,6 +107,7 @@ class Call:
     replica: str | None = None
     content: dict[str, Any] = field(default_factory=dict)
     params: dict[str, str] = field(default_factory=dict)
+    route: str = ""  # the route's template: metrics label by it, never by a raw path
     memory: dict[str, Any] | None = None
 
 
@@ -174,16 +175,21 @@ class Gateway:
         await self._open_memory()
 
     async def _open_memory(self) -> None:
+        memory = None
         try:
-            self.memory = await open_memory(
+            memory = await open_memory(
                 self.config.memory, lambda value: resolve(self.config_path, value), self._session
             )
-            report = await self.memory.check(repair=True)
+            # A missing ciphertext file is only reported: it may be a volume not mounted yet.
+            report = await memory.check(repair=True, shred_missing=False)
         except MemoryFailure as exc:
             # Fail closed for memory alone: chat without retrieval still works; /health says why.
+            if memory is not None:
+                await memory.close()
             self.memory_error = str(exc)
             log.error("memory unavailable: %s", exc)
             return
+        self.memory = memory
         if not report.clean:
             log.warning("memory repaired at start: %s", report.as_dict())
             await self.audit.append(
@@ -197,19 +203,22 @@ class Gateway:
         self._retention = asyncio.create_task(self._retention_loop())
 
     async def _retention_loop(self) -> None:
+        async def audited(doc_id: str) -> None:
+            # Durable before the document goes: an unaudited deletion never happens.
+            await self.audit.append(
+                {
+                    "type": "event",
+                    "action": "memory.retention",
+                    "resource": f"/documents/{doc_id}",
+                    "memory": {"document": doc_id, "deleted": True},
+                }
+            )
+
         while True:
             memory = self.memory
             if memory is not None:
                 try:
-                    for doc_id in await memory.expire():
-                        await self.audit.append(
-                            {
-                                "type": "event",
-                                "action": "memory.retention",
-                                "resource": f"/documents/{doc_id}",
-                                "memory": {"document": doc_id, "deleted": True},
-                            }
-                        )
+                    await memory.expire(audited)
                 except Exception:
                     log.exception("the retention job failed; it runs again next interval")
             await asyncio.sleep(self.config.memory.retention_interval_seconds)
@@ -220,7 +229,10 @@ class Gateway:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._retention
         if self.memory is not None:
-            await self.memory.close()
+            try:
+                await self.memory.close()
+            except Exception:
+                log.exception("closing the memory failed")
         await self.runtime.stop()
         await self.audit.close()
         if self.policy is not None:
@@ -241,6 +253,9 @@ class Gateway:
         )
         try:
             call.params = dict(request.path_params)
+            template = request.scope.get("route")
+            if template is not None:
+                call.route = template.path
             raw = await self._read_body(request, action)
             call.request_digest = hashlib.sha256(raw).hexdigest()
             call.principal = await self._authenticate(request)
@@ -329,8 +344,9 @@ class Gateway:
         return response
 
     def _observe(self, call: Call, status: int) -> None:
-        self.metrics.requests.labels(call.resource, str(status)).inc()
-        self.metrics.latency.labels(call.resource).observe(time.perf_counter() - call.started)
+        route = call.route or call.resource
+        self.metrics.requests.labels(route, str(status)).inc()
+        self.metrics.latency.labels(route).observe(time.perf_counter() - call.started)
 
     def _record(self, call: Call, status: int | None, phase: str = "complete") -> dict[str, Any]:
         principal = call.principal
@@ -564,7 +580,7 @@ class Gateway:
             _where(options.filter),
             settings.rag_min_score if options.min_score is None else options.min_score,
         )
-        call.memory = {"retrieved": [_cited(match) for match in matches]}
+        call.memory = {"retrieved": [_cited(match, title=False) for match in matches]}
         if matches:
             payload["messages"] = _grounded(payload["messages"], matches)
         return [_cited(match) for match in matches]
@@ -686,7 +702,7 @@ class Gateway:
             media_type=body.media_type,
             filename=body.filename,
         )
-        result = await memory.ingest(content, meta)
+        result = await memory.ingest(content, meta, _access(decision))
         call.memory = {"document": result.id, "chunks": result.chunks, "created": result.created}
         return JSONResponse(result.as_dict(), status_code=201 if result.created else 200)
 
@@ -700,7 +716,7 @@ class Gateway:
             _where(body.filter),
             body.min_score,
         )
-        call.memory = {"retrieved": [_cited(match) for match in matches]}
+        call.memory = {"retrieved": [_cited(match, title=False) for match in matches]}
         return JSONResponse({"object": "list", "data": [match.as_dict() for match in matches]})
 
     async def embed(
@@ -770,9 +786,7 @@ class Gateway:
         memory = self._memory()
         record = await memory.document(doc_id)
         # A document the caller cannot read is one it cannot learn exists, either.
-        if record is None or not visible(
-            _access(decision), record.classification, record.owner, record.tags
-        ):
+        if record is None or not visible(_access(decision), record):
             raise ApiError(404, f"document {doc_id} does not exist", "document_not_found")
         verdict = await self._ask(
             call.principal,
@@ -932,15 +946,20 @@ def _seconds(duration: str) -> int:
 
 
 def _access(decision: Decision) -> Access:
-    """The policy's retrieval filter; a decision without one reads nothing (fail closed)."""
-    granted = decision.obligations.get("memory_access")
-    if not granted:
-        return Access(classifications=(), subject="", denied_tags=())
-    return Access(
-        classifications=tuple(granted["classifications"]),
-        subject=granted["subject"],
-        denied_tags=tuple(granted["denied_tags"]),
-    )
+    """The policy's retrieval filter; one that cannot be used refuses the request."""
+    granted: Any = decision.obligations.get("memory_access")
+    try:
+        return Access(
+            classifications=tuple(granted["classifications"]),
+            subject=granted["subject"],
+            denied_tags=tuple(granted["denied_tags"]),
+        )
+    except (TypeError, KeyError, ValueError) as exc:
+        raise ApiError(
+            503,
+            f"the policy's memory_access obligation cannot be used: {exc}",
+            "policy_unavailable",
+        ) from None
 
 
 def _where(narrowing: QueryFilter | None) -> Where | None:
@@ -954,13 +973,16 @@ def _where(narrowing: QueryFilter | None) -> Where | None:
     )
 
 
-def _cited(match: Match) -> dict[str, Any]:
-    return {
+def _cited(match: Match, *, title: bool = True) -> dict[str, Any]:
+    """A citation for the caller; the audit's copy leaves out the title, which is sealed."""
+    cited: dict[str, Any] = {
         "document": match.doc_id,
         "chunk": match.chunk,
         "score": round(match.score, 6),
-        "title": match.title,
     }
+    if title:
+        cited["title"] = match.title
+    return cited
 
 
 def _last_user_text(messages: list[dict[str, Any]]) -> str | None:

@@ -47,7 +47,11 @@ Classification = Literal["public", "internal", "confidential", "secret"]
 # The profile's tag syntax: what a payload index and a policy rule can match exactly.
 Tag = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,63}$")]
 DocumentId = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
-RetentionDuration = Annotated[str, Field(pattern=r"^[1-9][0-9]*[smhdwy]$")]
+# Up to 100 years: beyond that an expiry overflows what the catalog stores, and no
+# retention law asks for more.
+RetentionDuration = Annotated[
+    str, Field(pattern=r"^([1-9][0-9]{0,9}[smhdw]|[1-9][0-9]?y|100y)$")
+]
 
 
 class QueryFilter(BaseModel):

@@ -117,7 +117,21 @@ class MiniLMEmbedder:
         batch = _texts(texts)
         if self._session is None:
             raise EmbeddingUnavailable(f"the {self.model} embedder is closed")
-        return await anyio.to_thread.run_sync(self._embed, batch, limiter=self._limiter)
+        # The limiter is taken per slice, so a query waits for one slice of a large
+        # document's ingest, not for all of it.
+        parts = [
+            await anyio.to_thread.run_sync(
+                self._embed, batch[start : start + slice_], limiter=self._limiter
+            )
+            for slice_ in (self.batch_size * 4,)
+            for start in range(0, len(batch), slice_)
+        ]
+        if len(parts) == 1:
+            return parts[0]
+        return Embeddings(
+            np.concatenate([part.vectors for part in parts]),
+            sum(part.prompt_tokens for part in parts),
+        )
 
     async def close(self) -> None:
         self._session = None

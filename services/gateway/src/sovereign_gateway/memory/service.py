@@ -14,11 +14,12 @@ and `check` removes them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -169,16 +170,14 @@ class CheckReport:
         }
 
 
-def meta_aad(doc_id: str) -> bytes:
+def meta_aad(doc_id: str, key_version: int) -> bytes:
     # The chunk AAD with an index no chunk has, so metadata and chunks never interchange.
-    return envelope.chunk_aad(doc_id, 2**31 - 1, envelope.DATA_KEY_VERSION)
+    return envelope.chunk_aad(doc_id, 2**31 - 1, key_version)
 
 
-def visible(access: Access, classification: str, owner: str, tags: Sequence[str]) -> bool:
+def visible(access: Access, record: DocumentRecord) -> bool:
     """The policy's memory_access rule, evaluated on the catalog's own record."""
-    if classification not in access.classifications:
-        return False
-    return owner == access.subject or not set(tags) & set(access.denied_tags)
+    return access.sees(record.classification, record.owner, record.tags)
 
 
 class Memory:
@@ -191,6 +190,7 @@ class Memory:
         embedder: Embedder,
         chunker: Chunker,
         default_retention_seconds: int | None = None,
+        catalog: Catalog | None = None,
     ) -> None:
         self.data_dir = data_dir
         self.keyring = keyring
@@ -198,15 +198,17 @@ class Memory:
         self.embedder = embedder
         self.chunker = chunker
         self.default_retention_seconds = default_retention_seconds
-        self.catalog = Catalog(data_dir / CATALOG_FILE)
+        self.catalog = catalog or Catalog(data_dir / CATALOG_FILE)
         self.vault = Vault(data_dir / SEALED_DIR)
         # One writer per document id; an entry lives only while someone holds or awaits it.
         self._locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}
 
     async def close(self) -> None:
-        await self.store.close()
-        await self.embedder.close()
-        self.catalog.close()
+        try:
+            await self.store.close()
+            await self.embedder.close()
+        finally:
+            self.catalog.close()
 
     @asynccontextmanager
     async def _exclusive(self, doc_id: str) -> AsyncIterator[None]:
@@ -222,15 +224,21 @@ class Memory:
 
     # -- ingest -----------------------------------------------------------------------
 
-    async def ingest(self, content: bytes, meta: DocumentMeta) -> Ingested:
-        doc_id = hashlib.sha256(content).hexdigest()
+    async def ingest(self, content: bytes, meta: DocumentMeta, access: Access) -> Ingested:
+        """`access` is the caller's: a stored copy it cannot read is not described to it."""
+        doc_id = await anyio.to_thread.run_sync(_sha256, content)
         async with self._exclusive(doc_id):
-            return await self._ingest(doc_id, content, meta)
+            return await self._ingest(doc_id, content, meta, access)
 
-    async def _ingest(self, doc_id: str, content: bytes, meta: DocumentMeta) -> Ingested:
+    async def _ingest(
+        self, doc_id: str, content: bytes, meta: DocumentMeta, access: Access
+    ) -> Ingested:
         existing = await anyio.to_thread.run_sync(self.catalog.get, doc_id)
         if existing is not None and existing.state == "committed":
-            return self._same_document(existing, meta)
+            if not _expired(existing, int(time.time())):
+                return self._same_document(existing, meta, access)
+            # Past its retention and not yet shredded: this ingest starts it afresh.
+            await self._shred(doc_id)
         parsed = await anyio.to_thread.run_sync(
             parse_document, content, meta.media_type, meta.filename
         )
@@ -243,8 +251,12 @@ class Memory:
         expires_at = None if retention is None else now + retention
         kek = self.keyring.current
         data_key = envelope.new_data_key()
-        sealed = envelope.seal_chunks(
-            data_key, doc_id, envelope.DATA_KEY_VERSION, [chunk.text.encode() for chunk in chunks]
+        sealed = await anyio.to_thread.run_sync(
+            envelope.seal_chunks,
+            data_key,
+            doc_id,
+            envelope.DATA_KEY_VERSION,
+            [chunk.text.encode() for chunk in chunks],
         )
         offsets = await anyio.to_thread.run_sync(self.vault.write, doc_id, sealed)
         record = DocumentRecord(
@@ -264,7 +276,7 @@ class Memory:
             sealed_meta=envelope.seal(
                 data_key,
                 json.dumps({"title": meta.title, "filename": meta.filename}).encode(),
-                meta_aad(doc_id),
+                meta_aad(doc_id, envelope.DATA_KEY_VERSION),
             ),
             offsets=offsets,
         )
@@ -273,7 +285,16 @@ class Memory:
         await anyio.to_thread.run_sync(self.catalog.commit, doc_id)
         return _ingested(record, created=True)
 
-    def _same_document(self, existing: DocumentRecord, meta: DocumentMeta) -> Ingested:
+    def _same_document(
+        self, existing: DocumentRecord, meta: DocumentMeta, access: Access
+    ) -> Ingested:
+        if not visible(access, existing):
+            # Content addressing tells a caller that someone stored this content; nothing
+            # more about that copy, which the caller may not read, is said.
+            raise DocumentConflict(
+                "a document with this content is stored already, under metadata you cannot "
+                "read; it cannot be stored a second time"
+            )
         differing = [
             name
             for name, stored, asked in (
@@ -322,9 +343,9 @@ class Memory:
             record = records[hit.doc_id]
             if record is None or record.state != "committed" or hit.chunk >= record.chunks:
                 continue  # pending, or an orphan vector: `check` removes it
-            if record.expires_at is not None and record.expires_at <= now:
+            if _expired(record, now):
                 continue  # past its retention: the next retention run shreds it
-            if not visible(access, record.classification, record.owner, record.tags):
+            if not visible(access, record):
                 # The index said visible, the catalog says not: trust the catalog.
                 log.error("vector payload of %s disagrees with its catalog record", record.id)
                 continue
@@ -358,7 +379,8 @@ class Memory:
         return self.keyring.kek(record.kek_version).unwrap(record.wrapped_key, record.id)
 
     def _title(self, record: DocumentRecord, data_key: bytes) -> str | None:
-        meta = json.loads(envelope.unseal(data_key, record.sealed_meta, meta_aad(record.id)))
+        aad = meta_aad(record.id, record.key_version)
+        meta = json.loads(envelope.unseal(data_key, record.sealed_meta, aad))
         title = meta.get("title")
         return title if isinstance(title, str) else None
 
@@ -369,21 +391,47 @@ class Memory:
     # -- deletion, retention, repair --------------------------------------------------
 
     async def delete(self, doc_id: str) -> bool:
-        """Crypto-shred first (the catalog drops the wrapped key), then drop the vectors."""
         async with self._exclusive(doc_id):
-            deleted = await anyio.to_thread.run_sync(self.catalog.delete, doc_id)
-            await anyio.to_thread.run_sync(self.vault.remove, doc_id)
+            return await self._shred(doc_id)
+
+    async def _shred(self, doc_id: str) -> bool:
+        """Crypto-shred first (the catalog drops the wrapped key), then the file and vectors.
+
+        Once the key is gone the document is deleted, whatever happens next: vectors left by
+        a failing store are vectors with no record, which `check` removes.
+        """
+        deleted = await anyio.to_thread.run_sync(self.catalog.delete, doc_id)
+        await anyio.to_thread.run_sync(self.vault.remove, doc_id)
+        try:
             await self.store.delete_document(doc_id)
+        except MemoryFailure as failure:
+            log.error(
+                "document %s is shredded but its vectors stay until `check`: %s", doc_id, failure
+            )
         return deleted
 
-    async def expire(self, now: int | None = None) -> list[str]:
+    async def expire(
+        self, before_delete: Callable[[str], Awaitable[None]], now: int | None = None
+    ) -> list[str]:
+        """Shred every document past its retention; `before_delete` (the audit) runs first
+        for each, and its failure stops the run with nothing more deleted."""
         moment = int(time.time()) if now is None else now
         expired = await anyio.to_thread.run_sync(self.catalog.expired, moment)
+        done = []
         for doc_id in expired:
-            await self.delete(doc_id)
-        return expired
+            async with self._exclusive(doc_id):
+                record = await anyio.to_thread.run_sync(self.catalog.get, doc_id)
+                if record is None or not _expired(record, moment):
+                    continue  # deleted, or stored anew, since the list was made
+                await before_delete(doc_id)
+                await self._shred(doc_id)
+                done.append(doc_id)
+        return done
 
-    async def check(self, repair: bool = False) -> CheckReport:
+    async def check(self, repair: bool = False, *, shred_missing: bool = True) -> CheckReport:
+        """Compare catalog, ciphertext files and index; with `repair`, fix what they disagree
+        on. `shred_missing` False keeps the records whose file is gone: at start a missing
+        file may be an unmounted volume, not a lost one, and shredding cannot be undone."""
         pending = await anyio.to_thread.run_sync(self.catalog.ids, "pending")
         committed = await anyio.to_thread.run_sync(self.catalog.ids, "committed")
         files = await anyio.to_thread.run_sync(self.vault.ids)
@@ -400,7 +448,7 @@ class Memory:
         if not repair or report.clean:
             return report
         # Interrupted ingests were never visible, so they go; the client may send them again.
-        for doc_id in report.pending + report.missing_ciphertext:
+        for doc_id in report.pending + (report.missing_ciphertext if shred_missing else []):
             await self.delete(doc_id)
         for doc_id in report.orphan_ciphertext:
             await anyio.to_thread.run_sync(self.vault.remove, doc_id)
@@ -408,7 +456,7 @@ class Memory:
             await self.store.delete_document(doc_id)
         for doc_id in report.unindexed:
             await self._reindex(doc_id)
-        report.repaired = True
+        report.repaired = shred_missing or not report.missing_ciphertext
         return report
 
     async def _reindex(self, doc_id: str) -> None:
@@ -430,6 +478,14 @@ class Memory:
 
     def counts(self) -> dict[str, int]:
         return self.catalog.counts()
+
+
+def _sha256(content: bytes) -> str:
+    return hashlib.sha256(content).hexdigest()
+
+
+def _expired(record: DocumentRecord, now: int) -> bool:
+    return record.expires_at is not None and record.expires_at <= now
 
 
 def _points(record: DocumentRecord, vectors: np.ndarray) -> list[ChunkPoint]:
@@ -470,43 +526,36 @@ async def open_memory(
 ) -> Memory:
     """Everything the memory needs, opened from the gateway's settings.
 
-    The key ring first: without its KEK nothing else is worth opening. Every failure is a
-    `MemoryFailure` that says which part and why.
+    The data dir's lock first (nothing else touches it while another process holds it),
+    then the key ring: without its KEK nothing else is worth opening. Every failure is a
+    `MemoryFailure` that says which part and why, and closes what was opened.
     """
     data_dir = resolve(settings.data_dir)
-    keyring = await anyio.to_thread.run_sync(
-        partial(envelope.KeyRing.open, kek_settings(settings, resolve), create=create)
-    )
-    model = settings.embeddings
-    tokenizer = resolve(model.tokenizer)
-    embedder: Embedder
-    if model.engine == "embedded":
-        embedder = await anyio.to_thread.run_sync(
-            partial(
-                MiniLMEmbedder,
-                model_path=resolve(model.weights or ""),
-                tokenizer_path=tokenizer,
-                sha256=model.sha256 or "",
-                name=model.model,
-            )
-        )
-    else:
-        embedder = UpstreamEmbedder(
-            base_url=model.url or "",
-            model=model.model,
-            dimensions=model.dimensions,
-            session=session,
-        )
+    catalog = Catalog(data_dir / CATALOG_FILE)
+    opened: list[Callable[[], Awaitable[None]]] = []
     try:
-        chunker = Chunker.from_file(tokenizer, settings.chunk_tokens, settings.chunk_overlap)
-    except OSError as exc:
-        raise EmbeddingUnavailable(f"{tokenizer}: cannot read the tokenizer: {exc}") from None
-    store = await open_store(
-        settings.vector_store,
-        path=data_dir / VECTORS_DIR,
-        dimensions=model.dimensions,
-        qdrant_url=settings.qdrant_url,
-    )
+        keyring = await anyio.to_thread.run_sync(
+            partial(envelope.KeyRing.open, kek_settings(settings, resolve), create=create)
+        )
+        embedder = await _embedder(settings, resolve, session)
+        opened.append(embedder.close)
+        tokenizer = resolve(settings.embeddings.tokenizer)
+        try:
+            chunker = Chunker.from_file(tokenizer, settings.chunk_tokens, settings.chunk_overlap)
+        except Exception as exc:  # the tokenizers library raises plain Exception
+            raise EmbeddingUnavailable(f"{tokenizer}: cannot load the tokenizer: {exc}") from None
+        store = await open_store(
+            settings.vector_store,
+            path=data_dir / VECTORS_DIR,
+            dimensions=settings.embeddings.dimensions,
+            qdrant_url=settings.qdrant_url,
+        )
+    except BaseException:
+        for close in reversed(opened):
+            with contextlib.suppress(Exception):
+                await close()
+        catalog.close()
+        raise
     return Memory(
         data_dir=data_dir,
         keyring=keyring,
@@ -514,6 +563,31 @@ async def open_memory(
         embedder=embedder,
         chunker=chunker,
         default_retention_seconds=settings.default_retention_seconds,
+        catalog=catalog,
+    )
+
+
+async def _embedder(
+    settings: MemoryStore,
+    resolve: Callable[[str], Path],
+    session: Callable[[], aiohttp.ClientSession],
+) -> Embedder:
+    model = settings.embeddings
+    if model.engine == "upstream":
+        return UpstreamEmbedder(
+            base_url=model.url or "",
+            model=model.model,
+            dimensions=model.dimensions,
+            session=session,
+        )
+    return await anyio.to_thread.run_sync(
+        partial(
+            MiniLMEmbedder,
+            model_path=resolve(model.weights or ""),
+            tokenizer_path=resolve(model.tokenizer),
+            sha256=model.sha256 or "",
+            name=model.model,
+        )
     )
 
 
