@@ -440,6 +440,8 @@ def test_retention_expires_documents_and_audits_it(gateway_factory: GatewayFacto
     found = query(gateway, token, "visitor pass", top_k=10)[1]["data"]
     assert short["id"] not in {hit["document"] for hit in found}
     assert not (gateway.home / "memory" / "sealed" / f"{short['id']}.sealed").exists()
+    kept = query(gateway, token, "fire exits")[1]["data"]
+    assert long["id"] in {hit["document"] for hit in kept}
     expired = [r for r in gateway.records() if r.get("action") == "memory.retention"]
     assert [r["memory"]["document"] for r in expired] == [short["id"]]
 

@@ -49,9 +49,7 @@ Tag = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,63}$")]
 DocumentId = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 # Up to 100 years: beyond that an expiry overflows what the catalog stores, and no
 # retention law asks for more.
-RetentionDuration = Annotated[
-    str, Field(pattern=r"^([1-9][0-9]{0,9}[smhdw]|[1-9][0-9]?y|100y)$")
-]
+RetentionDuration = Annotated[str, Field(pattern=r"^([1-9][0-9]{0,9}[smhdw]|[1-9][0-9]?y|100y)$")]
 
 
 class QueryFilter(BaseModel):
