@@ -94,9 +94,10 @@ def test_a_service_client_is_recognised_by_its_azp(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"exp": int(time.time()) - 120}, "expired"),
-        ({"nbf": int(time.time()) + 600}, "not valid yet"),
-        ({"iat": int(time.time()) + 600}, "not valid yet"),
+        # Times are offsets from when the test runs: collection may be many minutes earlier.
+        ({"exp": -120}, "expired"),
+        ({"nbf": 600}, "not valid yet"),
+        ({"iat": 600}, "not valid yet"),
         ({"iss": "http://127.0.0.1:9999/other"}, "another issuer"),
         ({"aud": "someone-else"}, "audience"),
         ({"typ": "ID"}, "not an access token"),
@@ -118,7 +119,12 @@ def test_a_service_client_is_recognised_by_its_azp(tmp_path: Path) -> None:
 )
 def test_bad_claims_are_refused(tmp_path: Path, overrides: dict[str, Any], message: str) -> None:
     keys = _keys(tmp_path, "k1")
-    token = _token(keys["k1"], "k1", **overrides)
+    now = int(time.time())
+    claims = {
+        name: now + value if name in ("exp", "nbf", "iat") and value is not None else value
+        for name, value in overrides.items()
+    }
+    token = _token(keys["k1"], "k1", **claims)
 
     with pytest.raises(AuthError, match=message) as refused:
         asyncio.run(_authenticator(tmp_path).authenticate(f"Bearer {token}"))
