@@ -114,7 +114,7 @@ def test_seal_chunks_binds_each_to_its_index() -> None:
         unseal(key, sealed[1], chunk_aad(DOC, 2, DATA_KEY_VERSION))
 
 
-def test_seal_chunks_split_over_threads_keeps_order_and_fresh_nonces() -> None:
+def test_seal_chunks_of_a_large_document_keep_order_and_fresh_nonces() -> None:
     key = new_data_key()
     chunks = [f"chunk {index}".encode() for index in range(5000)]
     sealed = seal_chunks(key, DOC, DATA_KEY_VERSION, chunks)

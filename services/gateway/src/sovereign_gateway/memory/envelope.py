@@ -18,14 +18,12 @@ from __future__ import annotations
 
 import base64
 import binascii
-import functools
 import json
 import os
 import secrets
 import struct
 import unicodedata
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,40 +119,21 @@ def unseal(key: bytes, sealed: bytes, aad: bytes) -> bytes:
 def seal_chunks(key: bytes, doc_id: str, key_version: int, chunks: Sequence[bytes]) -> list[bytes]:
     """Chunk i sealed under `chunk_aad(doc_id, i, key_version)`.
 
-    The same as sealing each in turn, built for the ingest path's ~1,000 chunks per MB:
-    one cipher object, the nonces from one read of the OS's CSPRNG, the AAD's fixed part
-    encoded once, and large documents split over the CPUs (AES-GCM releases the GIL),
-    since per-chunk overhead, not AES, bounds the throughput (docs/benchmarks.md).
+    The same as sealing each in turn, built for the ingest path's ~1,000-2,000 chunks per
+    MB: one cipher object, the nonces from one read of the OS's CSPRNG and the AAD's fixed
+    part encoded once, since per-chunk overhead, not AES, bounds the throughput
+    (docs/benchmarks.md). Threads do not help: the per-chunk Python work holds the GIL.
     """
     aead = _aead(key)
     head = chunk_aad(doc_id, 0, key_version)[: -(8 + 4 + 4 + 4)]
     tail = (4).to_bytes(4, "big") + key_version.to_bytes(4, "big")
     nonces = os.urandom(NONCE_BYTES * len(chunks))
-
-    def seal_range(start: int, end: int) -> list[bytes]:
-        sealed = []
-        for index in range(start, end):
-            nonce = nonces[index * NONCE_BYTES : (index + 1) * NONCE_BYTES]
-            aad = head + _INDEX_FIELD.pack(8, index) + tail
-            sealed.append(nonce + aead.encrypt(nonce, chunks[index], aad))
-        return sealed
-
-    parts = min(_SEALERS_MAX, len(chunks) // _CHUNKS_PER_PART)
-    if parts < 2:
-        return seal_range(0, len(chunks))
-    bounds = [len(chunks) * part // parts for part in range(parts + 1)]
-    ranges = _sealers().map(seal_range, bounds[:-1], bounds[1:])
-    return [sealed for part in ranges for sealed in part]
-
-
-# Below this many chunks per part, handing work to a thread costs more than it saves.
-_CHUNKS_PER_PART = 512
-_SEALERS_MAX = max(1, min(4, os.cpu_count() or 1))
-
-
-@functools.cache
-def _sealers() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=_SEALERS_MAX, thread_name_prefix="seal")
+    sealed = []
+    for index, chunk in enumerate(chunks):
+        nonce = nonces[index * NONCE_BYTES : (index + 1) * NONCE_BYTES]
+        aad = head + _INDEX_FIELD.pack(8, index) + tail
+        sealed.append(nonce + aead.encrypt(nonce, chunk, aad))
+    return sealed
 
 
 @dataclass(frozen=True)
