@@ -509,3 +509,32 @@ def test_tampered_ciphertext_is_refused_never_returned(gateway_factory: GatewayF
     assert status == 500
     assert answer["error"]["code"] == "memory_integrity_error"
     assert "minus eighty" not in json.dumps(answer)
+
+
+@pytest.mark.parametrize("dlp", ["block", "redact"])
+def test_retrieved_excerpts_pass_dlp_before_they_reach_the_model(
+    gateway_factory: GatewayFactory, dlp: str
+) -> None:
+    gateway = memory_gateway(gateway_factory, dlp=dlp)
+    admin = gateway.token("ada", ("admin",))
+    status, flagged = ingest(
+        gateway, admin, text="Ward 9 admission: the patient's SSN is 078-05-1120."
+    )
+    assert status == 201
+    status, clean = ingest(gateway, admin, text="Ward 9 admissions close at nine at night.")
+    assert status == 201
+    status, answer = gateway.chat(
+        "echo-prompt: When are Ward 9 admissions?", admin, retrieval={"top_k": 2}
+    )
+    assert status == 200, answer
+    prompt = answer["choices"][0]["message"]["content"]
+    cited = {citation["document"] for citation in answer["citations"]}
+    assert "078-05-1120" not in prompt
+    assert "close at nine" in prompt
+    if dlp == "block":
+        assert cited == {clean["id"]}
+    else:
+        assert cited == {clean["id"], flagged["id"]}
+        assert "[REDACTED:us_ssn]" in prompt
+    grounded = [r for r in gateway.records() if (r.get("memory") or {}).get("retrieved")]
+    assert grounded[-1]["memory"]["withheld_by_dlp"] == (1 if dlp == "block" else 0)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -537,7 +538,7 @@ class Gateway:
         _check_sampling(payload, route, embedded=backend.embedded)
         if decision.redactions:
             payload["messages"] = [_redact(m, decision) for m in payload["messages"]]
-        citations = await self._ground(call, body.retrieval, payload, decision)
+        citations = await self._ground(call, route, body.retrieval, payload, decision)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         request = InferenceRequest.chat(call.request_id, route, payload, include_usage)
         if body.stream:
@@ -558,6 +559,7 @@ class Gateway:
     async def _ground(
         self,
         call: Call,
+        route: ModelRoute,
         asked: bool | Retrieval | None,
         payload: dict[str, Any],
         decision: Decision,
@@ -580,10 +582,31 @@ class Gateway:
             _where(options.filter),
             settings.rag_min_score if options.min_score is None else options.min_score,
         )
-        call.memory = {"retrieved": [_cited(match, title=False) for match in matches]}
+        matches, withheld = await self._screened(call, route, matches)
+        call.memory = {
+            "retrieved": [_cited(match, title=False) for match in matches],
+            "withheld_by_dlp": withheld,
+        }
         if matches:
             payload["messages"] = _grounded(payload["messages"], matches)
         return [_cited(match) for match in matches]
+
+    async def _screened(
+        self, call: Call, route: ModelRoute, matches: list[Match]
+    ) -> tuple[list[Match], int]:
+        """DLP on each excerpt, as on the caller's own text: what the policy would refuse
+        is left out of the prompt, and what it would redact is redacted."""
+        kept: list[Match] = []
+        for match in matches:
+            verdict = await self._ask(
+                call.principal, call.action, route, [match.text], call.resource
+            )
+            if not verdict.allow:
+                continue
+            if verdict.redactions:
+                match = dataclasses.replace(match, text=_mask(match.text, verdict))
+            kept.append(match)
+        return kept, len(matches) - len(kept)
 
     def _count(self, call: Call, usage: Usage | None) -> None:
         call.usage = usage
