@@ -197,7 +197,7 @@ def anyio_backend() -> str:
 
 
 @pytest.mark.anyio
-async def test_one_megabyte_chunks_in_a_worker_thread_in_about_a_second(
+async def test_one_megabyte_chunks_in_a_worker_thread_without_holding_the_loop(
     tokenizer: tokenizers.Tokenizer,
 ) -> None:
     text = (mixed_text(20_000) + "\n\n") * 8
@@ -219,9 +219,7 @@ async def test_one_megabyte_chunks_in_a_worker_thread_in_about_a_second(
         elapsed = time.perf_counter() - began
         done.set()
     assert chunks[-1].end == len(text.rstrip())
-    # About 1 s here (2 shared cores), nearly all of it in the tokenizer itself; the bound
-    # leaves room for a busy machine and catches anything quadratic.
-    assert elapsed < 5, f"{elapsed:.2f} s for 1 MiB"
+    # How long it takes is measured in bench/memory_ingest.py, not asserted here.
     # The tokenizer let go of the GIL: the loop ticked at least a quarter of the time
     # (with `Tokenizer.encode`, which holds it, 6 ticks in 1.2 s; now about 100).
     assert ticks >= elapsed / 0.04, (ticks, elapsed)

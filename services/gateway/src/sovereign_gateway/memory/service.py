@@ -46,7 +46,14 @@ from sovereign_gateway.memory.errors import (
     EmbeddingUnavailable,
     MemoryFailure,
 )
-from sovereign_gateway.memory.store import Access, ChunkPoint, VectorStore, Where, open_store
+from sovereign_gateway.memory.store import (
+    Access,
+    ChunkPoint,
+    Hit,
+    VectorStore,
+    Where,
+    open_store,
+)
 
 log = logging.getLogger("sovereign_gateway.memory")
 
@@ -332,10 +339,11 @@ class Memory:
             hits = [hit for hit in hits if hit.score >= min_score]
         return await anyio.to_thread.run_sync(self._open_hits, hits, access)
 
-    def _open_hits(self, hits: Sequence[Any], access: Access) -> list[Match]:
+    def _open_hits(self, hits: Sequence[Hit], access: Access) -> list[Match]:
         now = int(time.time())
         records: dict[str, DocumentRecord | None] = {}
         keys: dict[str, bytes] = {}
+        titles: dict[str, str | None] = {}
         matches: list[Match] = []
         for hit in hits:
             if hit.doc_id not in records:
@@ -351,6 +359,7 @@ class Memory:
                 continue
             if record.id not in keys:
                 keys[record.id] = self._data_key(record)
+                titles[record.id] = self._title(record, keys[record.id])
             try:
                 (ciphertext,) = self.vault.read(record.id, [record.span(hit.chunk)])
             except FileNotFoundError:
@@ -367,7 +376,7 @@ class Memory:
                     chunk=hit.chunk,
                     score=float(hit.score),
                     text=text,
-                    title=self._title(record, keys[record.id]),
+                    title=titles[record.id],
                     classification=record.classification,
                     owner=record.owner,
                     tags=record.tags,
