@@ -139,6 +139,33 @@ async def test_a_full_queue_is_429_with_retry_after() -> None:
 
 
 @pytest.mark.anyio
+async def test_a_waiter_cancelled_as_its_slot_frees_does_not_take_the_slot() -> None:
+    """A client that leaves while queued must not be served.
+
+    The cancel lands at every point of the wake-up in turn; wherever the router accepted it,
+    the waiter ends cancelled and the freed slot stays free.
+    """
+    for steps in range(12):
+        backend = ModelBackend(route(concurrency=1, queue=1), [TimedReplica("a")], Metrics())
+        held = await backend.acquire(set(), [])
+        waiter = asyncio.ensure_future(backend.acquire(set(), []))
+        while backend.waiting == 0:
+            await asyncio.sleep(0)
+        backend.release(held, None)
+        for _ in range(steps):
+            await asyncio.sleep(0)
+        accepted = waiter.cancel()
+        outcome = await asyncio.gather(waiter, return_exceptions=True)
+
+        if accepted:
+            assert isinstance(outcome[0], asyncio.CancelledError), f"after {steps} steps"
+            assert backend.in_flight == {"a": 0}
+        else:
+            assert backend.in_flight == {"a": 1}
+        assert backend.waiting == 0
+
+
+@pytest.mark.anyio
 async def test_waiting_past_the_queue_timeout_is_429() -> None:
     model = route(concurrency=1, queue=5, queue_timeout_seconds=0.05)
     backend = ModelBackend(model, [TimedReplica("a", 0.3)], Metrics())

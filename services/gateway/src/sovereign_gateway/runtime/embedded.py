@@ -254,7 +254,10 @@ class EmbeddedWorker(Replica):
             timeout = request.route.timeout_seconds
             while True:
                 try:
-                    event = await asyncio.wait_for(queue.get(), timeout)
+                    # Not wait_for: on 3.11 it drops a cancellation that arrives with a token,
+                    # and the generation of a client that left would run on.
+                    async with asyncio.timeout(timeout):
+                        event = await queue.get()
                 except TimeoutError:
                     log.error(
                         "%s %s: no progress in %s s; killing it",

@@ -130,8 +130,11 @@ class ModelBackend:
                 self.waiting += 1
                 self.metrics.queued.labels(self.route.name).inc()
                 try:
+                    # asyncio.timeout, not wait_for: on 3.11 wait_for drops a cancellation
+                    # that lands as the wait completes, and a gone client would take a slot.
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._changed.wait(), remaining)
+                        async with asyncio.timeout(remaining):
+                            await self._changed.wait()
                 finally:
                     self.waiting -= 1
                     self.metrics.queued.labels(self.route.name).dec()
