@@ -61,6 +61,8 @@ APT_PACKAGES = (
     "gdisk",
     "netcat-openbsd",
     "openssh-client",
+    # sshd for the verify tests' stand-in node on 127.0.0.1; its own service is not started.
+    "openssh-server",
     "systemd-container",
     "gpgv",
 )

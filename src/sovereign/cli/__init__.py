@@ -21,4 +21,4 @@ def main() -> None:
 
 
 # Imported last, for their side effect of registering commands on `app`.
-from sovereign.cli import audit, lock, memory, profile, token, tools, up  # noqa: E402, F401
+from sovereign.cli import audit, image, lock, memory, profile, token, tools, up, verify  # noqa: E402, F401

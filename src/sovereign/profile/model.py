@@ -16,6 +16,7 @@ from sovereign.profile.rules import violations
 from sovereign.profile.types import (
     AbsolutePath,
     Arch,
+    ByteSize,
     Cidr,
     Classification,
     Destination,
@@ -24,19 +25,23 @@ from sovereign.profile.types import (
     Duration,
     Engine,
     Gpu,
+    HostName,
     HostOS,
     HostPort,
     InterfaceCidr,
+    IpAddress,
     KeySource,
     Kind,
     KvCacheDtype,
     MirrorKind,
     NodeRole,
+    Pcr,
     Permission,
     Protocol,
     Quantization,
     SandboxRuntime,
     Sha256,
+    SshPublicKey,
     TpmPolicy,
     VectorStore,
     WireGuardKey,
@@ -60,8 +65,35 @@ class Node(StrictModel):
     )
 
 
+class Disk(StrictModel):
+    """The node image's disk: the root file system and the encrypted data volume."""
+
+    root_size: ByteSize = Field(default="2G", description="the root file system partition")
+    data_size: ByteSize = Field(
+        default="1G", description="the data partition, LUKS2-encrypted at first boot"
+    )
+
+
 class Host(StrictModel):
     os: HostOS = Field(description="the host operating system the image is built from")
+    admin_user: DnsLabel = Field(
+        default="sovereign", description="the one login: ssh key only, from admin_networks"
+    )
+    admin_keys: list[SshPublicKey] = Field(
+        default_factory=list, description="OpenSSH public keys that may log in as admin_user"
+    )
+    disk: Disk = Field(default_factory=Disk)
+    disk_pcrs: list[Pcr] = Field(
+        default=[7],
+        min_length=1,
+        description="PCRs the data volume's TPM2 key is bound to (7: the Secure Boot state)",
+    )
+    attestation_pcrs: list[Pcr] = Field(
+        default=[0, 2, 4, 7],
+        min_length=1,
+        description="PCRs the node's attestation key quotes: firmware, option ROMs, boot loader "
+        "and kernel, Secure Boot state",
+    )
 
 
 class MeshPeer(StrictModel):
@@ -106,6 +138,11 @@ class Network(StrictModel):
     egress: Egress
     admin_networks: list[Cidr] = Field(
         description="networks inbound ssh is accepted from", min_length=1
+    )
+    hosts: dict[HostName, IpAddress] = Field(
+        default_factory=dict,
+        description="static names (written to /etc/hosts): firewall rules need addresses, and "
+        "a node without DNS still has to find its mirrors",
     )
 
 

@@ -45,6 +45,7 @@ def violations(profile: Profile) -> list[Violation]:
         _memory_backends,
         _identity,
         _mesh,
+        _egress_names,
         _air_gapped_egress,
         _locked_down,
         _audit,
@@ -373,6 +374,39 @@ def _mesh(profile: Profile) -> Iterator[Violation]:
         yield Violation(
             ("network", "mesh", "peers", index, "public_key"), "two peers share this public key"
         )
+
+
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _egress_names(profile: Profile) -> Iterator[Violation]:
+    """Firewall rules hold addresses: every name they use must be in `network.hosts`."""
+    known = profile.network.hosts
+    for index, rule in enumerate(profile.network.egress.allow):
+        if is_cidr(rule.to):
+            continue
+        host, _ = split_host_port(rule.to)
+        if not _is_address(host) and host not in known:
+            yield Violation(
+                ("network", "egress", "allow", index, "to"),
+                f"{host!r} is a name, and the egress firewall needs its address: add "
+                f"`{host}: <address>` under network.hosts",
+            )
+    for index, peer in enumerate(profile.network.mesh.peers):
+        if peer.endpoint is None:
+            continue
+        host, _ = split_host_port(peer.endpoint)
+        if not _is_address(host) and host not in known:
+            yield Violation(
+                ("network", "mesh", "peers", index, "endpoint"),
+                f"{host!r} is a name, and the egress firewall needs its address: add "
+                f"`{host}: <address>` under network.hosts",
+            )
 
 
 def mesh_networks(profile: Profile) -> list[IPNetwork]:

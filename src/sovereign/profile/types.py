@@ -138,6 +138,43 @@ Destination = Annotated[
     ),
 ]
 DnsLabel = Annotated[str, Field(pattern=_DNS_LABEL, max_length=63)]
+
+
+def _check_ip(value: str) -> str:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        raise ValueError(f"expected an IPv4 or IPv6 address, got {value!r}") from None
+    return value
+
+
+def _check_host_name(value: str) -> str:
+    _check_hostname(value)
+    return value
+
+
+IpAddress = Annotated[str, AfterValidator(_check_ip), Field(examples=["10.88.0.10"])]
+HostName = Annotated[
+    str, AfterValidator(_check_host_name), Field(examples=["mirror.ward.internal"])
+]
+# An OpenSSH public key line: type, base64 blob, optional comment.
+SshPublicKey = Annotated[
+    str,
+    Field(
+        pattern=r"^(ssh-ed25519|ecdsa-sha2-nistp(256|384|521)|ssh-rsa|sk-ssh-ed25519@openssh.com)"
+        r" [A-Za-z0-9+/]+={0,3}( [^\n]*)?$",
+        examples=["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAA... operator@console"],
+    ),
+]
+# A size with a binary unit: 512M, 2G.
+ByteSize = Annotated[str, Field(pattern=r"^[1-9][0-9]{0,5}[MG]$", examples=["512M", "2G"])]
+Pcr = Annotated[int, Field(ge=0, le=23)]
+
+
+def byte_size(value: str) -> int:
+    return int(value[:-1]) * (1 << 20 if value.endswith("M") else 1 << 30)
+
+
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$", description="lower-case hex SHA-256")]
 # A WireGuard public key is 32 bytes, base64 with padding.
 WireGuardKey = Annotated[str, Field(pattern=r"^[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=$")]

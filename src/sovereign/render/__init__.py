@@ -35,7 +35,7 @@ class RenderError(Exception):
 
 def registry() -> dict[str, Renderer]:
     # Imported here so each renderer module can import this one without a cycle.
-    from sovereign.render import gateway, keycloak, policy, resolved, vllm
+    from sovereign.render import ansible, gateway, keycloak, policy, resolved, vllm
 
     renderers = (
         resolved.RENDERER,
@@ -43,6 +43,7 @@ def registry() -> dict[str, Renderer]:
         policy.RENDERER,
         keycloak.RENDERER,
         vllm.RENDERER,
+        ansible.RENDERER,
     )
     return {renderer.name: renderer for renderer in renderers}
 

@@ -11,13 +11,17 @@ from sovereign.profile.model import Profile
 from sovereign.render import Renderer
 
 
-def to_yaml(profile: Profile) -> str:
+def dump_yaml(data: object) -> str:
     yaml = YAML(typ="safe", pure=True)
     yaml.default_flow_style = False
     yaml.sort_base_mapping_type_on_output = False  # type: ignore[assignment]
     buffer = io.StringIO()
-    yaml.dump(profile.model_dump(mode="json"), buffer)
+    yaml.dump(data, buffer)
     return buffer.getvalue()
+
+
+def to_yaml(profile: Profile) -> str:
+    return dump_yaml(profile.model_dump(mode="json"))
 
 
 def render(profile: Profile) -> Mapping[str, bytes]:

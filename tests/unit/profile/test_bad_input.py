@@ -578,7 +578,58 @@ RULES = [
     ),
 ]
 
-ALL = SYNTAX_AND_SHAPE + FIELDS + RULES
+NODE_IMAGE = [
+    Case(
+        "egress-to-a-name-without-an-address",
+        personal(
+            "network:\n  egress:\n    allow:\n      - to: mirror.home:443\n        description: x\n"
+        ),
+        6,
+        "network.egress.allow[0].to",
+        "'mirror.home' is a name, and the egress firewall needs its address",
+    ),
+    Case(
+        "mesh-peer-endpoint-without-an-address",
+        personal(
+            "network:\n  mesh:\n    enabled: true\n    address: 10.1.0.1/24\n    peers:\n"
+            "      - name: b\n        public_key: g/6NhoK6bLZxZ1ZwlyBWwl1RRwaLoK0ZMZbnE5BHBK8=\n"
+            "        endpoint: peer.home:51820\n        allowed_ips: [10.1.0.2/32]\n"
+        ),
+        10,
+        "network.mesh.peers[0].endpoint",
+        "add `peer.home: <address>` under network.hosts",
+    ),
+    Case(
+        "a-host-with-a-bad-address",
+        personal("network:\n  hosts:\n    mirror.home: 10.0.0.300\n"),
+        5,
+        "network.hosts.mirror.home",
+        "expected an IPv4 or IPv6 address",
+    ),
+    Case(
+        "an-admin-key-that-is-not-a-key",
+        personal("host:\n  admin_keys: [hunter2]\n"),
+        4,
+        "host.admin_keys[0]",
+        "should match pattern",
+    ),
+    Case(
+        "a-data-size-in-terabytes",
+        personal("host:\n  disk:\n    data_size: 1T\n"),
+        5,
+        "host.disk.data_size",
+        "should match pattern",
+    ),
+    Case(
+        "a-pcr-past-23",
+        personal("host:\n  disk_pcrs: [7, 24]\n"),
+        4,
+        "host.disk_pcrs[1]",
+        "less than or equal to 23",
+    ),
+]
+
+ALL = SYNTAX_AND_SHAPE + FIELDS + RULES + NODE_IMAGE
 
 
 @pytest.mark.parametrize("case", ALL, ids=lambda case: case.id)

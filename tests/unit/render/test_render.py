@@ -21,7 +21,7 @@ EXAMPLES = sorted((ROOT / "profiles").glob("*.yaml"))
 
 
 def test_registry_holds_every_renderer() -> None:
-    assert set(registry()) == {"profile", "gateway", "policy", "keycloak", "vllm"}
+    assert set(registry()) == {"profile", "gateway", "policy", "keycloak", "vllm", "ansible"}
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
