@@ -27,32 +27,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from ruamel.yaml import YAML
+from node_profile import loopback_profile
 
-ROOT = Path(__file__).resolve().parents[1]
 COLD_BUILD_GOAL_S = 600
 CACHED_PIPELINE_GOAL_S = 180
-
-
-def profile_for(key: Path, directory: Path) -> Path:
-    yaml = YAML()
-    document = yaml.load((ROOT / "profiles/air-gapped.yaml").read_text())
-    document["name"] = "ward-bench"
-    document["host"]["admin_keys"] = [key.with_suffix(".pub").read_text().strip()]
-    network = document["network"]
-    network["hosts"] = {"mirror.ward.internal": "10.0.2.100"}
-    network["admin_networks"] = ["10.0.2.0/24"]
-    network["egress"]["allow"] = [
-        {"to": "mirror.ward.internal:80", "protocol": "tcp", "description": "the local mirror"}
-    ]
-    document["mirrors"] = [
-        {"kind": kind, "url": f"http://mirror.ward.internal/{kind}/"}
-        for kind in ("pypi", "oci", "debian", "models")
-    ]
-    path = directory / "ward-bench.yaml"
-    with path.open("w") as sink:
-        yaml.dump(document, sink)
-    return path
 
 
 def main() -> int:
@@ -66,7 +44,7 @@ def main() -> int:
 
     key = work / "id_ed25519"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
-    profile_path = profile_for(key, work)
+    profile_path = loopback_profile("ward-bench", key.with_suffix(".pub"), work)
     profile = load_profile(profile_path)
     print(f"node image pipeline, {datetime.date.today()}, {platform.node()}, "
           f"{os.cpu_count()} CPUs, QEMU TCG")  # fmt: skip

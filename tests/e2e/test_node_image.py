@@ -19,13 +19,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from ruamel.yaml import YAML
 
+from bench.node_profile import loopback_profile
 from sovereign.evidence import Report
 from sovereign.image.node import BuiltImage, booted, first_boot, read_image, verify_context
 from sovereign.verify import run_verify
 
-ROOT = Path(__file__).resolve().parents[2]
 SOVEREIGN = str(Path(sys.executable).with_name("sovereign"))
 # A key kept between runs: it is part of the image, so a new one per run would defeat the cache.
 KEY_DIR = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sovereign/node-test"
@@ -49,24 +48,9 @@ def operator_key() -> Path:
 
 @pytest.fixture(scope="module")
 def profile(tmp_path_factory: pytest.TempPathFactory, operator_key: Path) -> Path:
-    yaml = YAML()
-    document = yaml.load((ROOT / "profiles/air-gapped.yaml").read_text())
-    document["name"] = "ward-ci"
-    document["host"]["admin_keys"] = [operator_key.with_suffix(".pub").read_text().strip()]
-    network = document["network"]
-    network["hosts"] = {"mirror.ward.internal": "10.0.2.100"}
-    network["admin_networks"] = ["10.0.2.0/24"]
-    network["egress"]["allow"] = [
-        {"to": "mirror.ward.internal:80", "protocol": "tcp", "description": "the local mirror"}
-    ]
-    document["mirrors"] = [
-        {"kind": kind, "url": f"http://mirror.ward.internal/{kind}/"}
-        for kind in ("pypi", "oci", "debian", "models")
-    ]
-    path = tmp_path_factory.mktemp("profile") / "ward-ci.yaml"
-    with path.open("w") as sink:
-        yaml.dump(document, sink)
-    return path
+    return loopback_profile(
+        "ward-ci", operator_key.with_suffix(".pub"), tmp_path_factory.mktemp("profile")
+    )
 
 
 def sovereign(*argv: str) -> subprocess.CompletedProcess[str]:
