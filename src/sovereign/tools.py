@@ -65,6 +65,11 @@ APT_PACKAGES = (
     "openssh-server",
     "systemd-container",
     "gpgv",
+    # The air-gap tests' real servers and clients: a registry, skopeo, a Debian repository.
+    "docker-registry",
+    "skopeo",
+    "reprepro",
+    "gnupg",
 )
 
 RECEIPT = "install.json"
@@ -534,7 +539,7 @@ class AptPackages:
     packages: tuple[str, ...] = APT_PACKAGES
     name: str = "apt"
     version: str = "bookworm"
-    blocks: str = "image builds (mmdebstrap) and VM, TPM, LUKS, nftables and WireGuard tests"
+    blocks: str = "image builds, VM, TPM, LUKS, nftables, WireGuard and air-gap mirror tests"
 
     def missing(self) -> list[str]:
         try:

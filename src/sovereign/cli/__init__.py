@@ -21,4 +21,17 @@ def main() -> None:
 
 
 # Imported last, for their side effect of registering commands on `app`.
-from sovereign.cli import audit, image, lock, memory, profile, token, tools, up, verify  # noqa: E402, F401
+from sovereign.cli import (  # noqa: E402, F401
+    audit,
+    bundle,
+    bundle_volumes,
+    image,
+    lock,
+    media,
+    memory,
+    profile,
+    token,
+    tools,
+    up,
+    verify,
+)

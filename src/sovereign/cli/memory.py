@@ -156,7 +156,10 @@ def _print(report: CheckReport) -> None:
     console.print(f"✗ memory: orphans found; {verdict}", markup=False)
 
 
-keys_app = typer.Typer(help="Manage the memory's key-encryption keys.", no_args_is_help=True)
+keys_app = typer.Typer(
+    help="Manage keys: the memory's key-encryption keys and bundle signing keys.",
+    no_args_is_help=True,
+)
 app.add_typer(keys_app, name="keys")
 
 NEW_PASSPHRASE_VARIABLE = "SOVEREIGN_MEMORY_NEW_PASSPHRASE"  # noqa: S105 (a name, not a secret)

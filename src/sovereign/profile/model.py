@@ -435,6 +435,68 @@ class Federation(StrictModel):
     peers: list[FederationPeer] = Field(default_factory=list)
 
 
+class BundleWheels(StrictModel):
+    """The Python wheels the node installs, pinned with hashes, from a connected index."""
+
+    index: HttpUrl = Field(description="a PEP 691 or PEP 503 simple index")
+    requirements: str = Field(
+        min_length=1,
+        description="a requirements file with every line pinned (==) and hashed, as "
+        "`uv export` writes it; relative to the profile",
+    )
+    python: list[str] = Field(
+        default_factory=lambda: ["3.11"], min_length=1, description="Python versions, 3.N"
+    )
+    platforms: list[str] = Field(
+        default_factory=lambda: ["manylinux_2_36_x86_64"],
+        min_length=1,
+        description="wheel platform tags; manylinux_2_36 (Debian 12) takes older manylinux too",
+    )
+
+
+class BundleDebian(StrictModel):
+    """The node image's Debian packages (its recipe's lists, with their dependencies and
+    every Priority: required package) and any extra."""
+
+    sources: list[str] = Field(
+        default_factory=list,
+        description="apt source lines, `deb URL SUITE COMPONENT...`; empty: the image recipe's",
+    )
+    keyring: str = Field(
+        default="/usr/share/keyrings/debian-archive-keyring.gpg",
+        description="the keyring gpgv checks each suite's InRelease against",
+    )
+    packages: list[str] = Field(
+        default_factory=list, description="packages beyond the image recipe's own lists"
+    )
+
+
+class BundleModels(StrictModel):
+    endpoint: HttpUrl = Field(
+        default=HttpUrl("https://huggingface.co"), description="a Hugging Face-compatible file API"
+    )
+    sources: dict[str, str] = Field(
+        default_factory=dict,
+        description="for each model whose source is bundle:<path>, where the bundle gets it: "
+        "hf:<org>/<repo>@<40-hex commit> or file:/<path>",
+    )
+
+
+class BundleSpec(StrictModel):
+    """What `sovereign bundle create` fetches, on the connected side, for this node."""
+
+    wheels: BundleWheels | None = None
+    images: list[str] = Field(
+        default_factory=list,
+        description="container images, registry/repository:tag or @sha256:<digest>",
+    )
+    platforms: list[str] = Field(
+        default_factory=lambda: ["linux/amd64"], min_length=1, description="for the images"
+    )
+    debian: BundleDebian | None = None
+    models: BundleModels = Field(default_factory=BundleModels)
+
+
 class Profile(StrictModel):
     """A SovereignStack node profile, resolved with the defaults of its kind."""
 
@@ -455,6 +517,9 @@ class Profile(StrictModel):
     sandbox: Sandbox
     gateway: Gateway
     federation: Federation
+    bundle: BundleSpec | None = Field(
+        default=None, description="what the air-gap bundle for this node holds, and from where"
+    )
 
     @model_validator(mode="before")
     @classmethod

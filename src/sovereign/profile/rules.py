@@ -7,6 +7,7 @@ points at the field to change, so errors name a line in the user's file.
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, NamedTuple
 from urllib.parse import urlsplit
@@ -50,6 +51,7 @@ def violations(profile: Profile) -> list[Violation]:
         _locked_down,
         _audit,
         _federation,
+        _bundle,
     )
     return [violation for check in checks for violation in check(profile)]
 
@@ -502,3 +504,35 @@ def _federation(profile: Profile) -> Iterator[Violation]:
             ("federation", "peers", index, "name"),
             f"federation peer {names[index]!r} is listed twice",
         )
+
+
+def _bundle(profile: Profile) -> Iterator[Violation]:
+    if profile.bundle is None:
+        return
+    sources = profile.bundle.models.sources
+    names = [model.name for model in profile.models]
+    for index, model in enumerate(profile.models):
+        if model.source.startswith("bundle:") and model.name not in sources:
+            yield Violation(
+                ("models", index, "source"),
+                f"{model.source} is fetched into the bundle; give its origin in "
+                f"bundle.models.sources.{model.name} (hf:<org>/<repo>@<commit> or file:/<path>)",
+            )
+    for name, origin in sources.items():
+        if name not in names:
+            yield Violation(
+                ("bundle", "models", "sources", name), f"no model named {name!r} in models"
+            )
+        elif not (_HF_ORIGIN.fullmatch(origin) or _FILE_ORIGIN.fullmatch(origin)):
+            yield Violation(
+                ("bundle", "models", "sources", name),
+                f"{origin!r}: expected hf:<org>/<repo>@<40-hex commit> (a branch moves; a "
+                "commit does not) or file:/<path>",
+            )
+    for index, python in enumerate(profile.bundle.wheels.python if profile.bundle.wheels else []):
+        if not re.fullmatch(r"3\.\d+", python):
+            yield Violation(("bundle", "wheels", "python", index), f"{python!r}: expected 3.N")
+
+
+_HF_ORIGIN = re.compile(r"hf:[\w.-]+/[\w.-]+@[0-9a-f]{40}")
+_FILE_ORIGIN = re.compile(r"file:/.+")

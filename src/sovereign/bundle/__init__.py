@@ -1,0 +1,1 @@
+"""Signed, content-addressed air-gap bundles: create, verify, split and join, import."""

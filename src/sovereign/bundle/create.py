@@ -1,0 +1,355 @@
+"""`sovereign bundle create`: everything one node profile needs, fetched, signed, listed.
+
+Mirrors fetch into a cache directory per profile (so an interrupted run resumes), then
+every file is copied into a staging bundle, hashed again on the way in, and the finished
+bundle is signed and moved to `--out` in one rename: a failed run leaves no bundle.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from sovereign.bundle.layout import (
+    FORMAT,
+    INDEX_FILE,
+    LAYOUT_FILE,
+    SBOM_FILE,
+    BundleError,
+    LayoutWriter,
+    move_into_place,
+    remove_staging,
+)
+from sovereign.bundle.manifest import file_digest, manifest_digest, read_signed, sign
+from sovereign.bundle.sbom import sbom_json
+from sovereign.image.build import IMAGE_FILES
+from sovereign.image.build import MANIFEST as IMAGE_MANIFEST
+from sovereign.image.recipe import ROLES, load_recipe
+from sovereign.mirror.artifact import Artifact, ArtifactKind
+from sovereign.mirror.debian import mirror_sources, parse_source
+from sovereign.mirror.fetch import Fetcher
+from sovereign.mirror.models import mirror_model
+from sovereign.mirror.oci import mirror_images
+from sovereign.mirror.pypi import Target, mirror_wheels
+from sovereign.profile.model import BundleDebian, BundleModels, Profile
+from sovereign.render import render_files
+from sovereign.render.artifacts import weights_path
+from sovereign.render.policy import bundle_dir
+
+PLAYBOOKS = ROLES.parent / "playbooks"
+DEBIAN_ARCH = {"amd64": "amd64", "arm64": "arm64"}
+# Kinds whose licence comes from upstream; a deb's is in its copyright file, ours is the repo's.
+THIRD_PARTY = ("wheel", "model", "oci-image")
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class CreateOptions:
+    out: Path
+    signing_key: Ed25519PrivateKey
+    cache: Path  # where the mirrors keep what they fetched, per profile
+    image: Path | None = None  # a `sovereign image build --out` directory
+    base: Path | None = None  # an earlier bundle: only blobs it lacks are carried
+    created: datetime.datetime = field(
+        default_factory=lambda: datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+    )
+
+
+@dataclass(frozen=True)
+class Created:
+    path: Path
+    digest: str  # of bundle.json
+    artifacts: int
+    blobs: int
+    carried_bytes: int
+    from_base: int
+    unlicensed: list[str]
+
+
+# A group of artifacts that shares one manifest: one wheel, one deb, one model's files.
+Group = list[tuple[Artifact, Path]]
+
+
+def create_bundle(
+    profile: Profile, profile_path: Path, options: CreateOptions, fetcher: Fetcher, log: Log
+) -> Created:
+    spec = profile.bundle
+    if spec is None:
+        raise BundleError(
+            f"{profile_path}: the profile has no bundle: section saying what to fetch and from "
+            "where (see profiles/air-gapped.yaml)"
+        )
+    mirror = options.cache / profile.name
+    groups: list[Group] = []
+    images: list[tuple[Artifact, Path, str]] = []
+    if spec.wheels is not None:
+        requirements = _beside(profile_path, spec.wheels.requirements)
+        targets = [Target.parse(p, t) for p in spec.wheels.python for t in spec.wheels.platforms]
+        index = str(spec.wheels.index)
+        wheels = mirror_wheels(requirements, index, mirror / "pypi", fetcher, targets)
+        groups += [[(w, mirror / "pypi" / w.path)] for w in wheels]
+    if spec.images:
+        layout = mirror / "oci"
+        mirrored = mirror_images(spec.images, layout, fetcher, spec.platforms)
+        refs = _ref_names(layout)
+        images = [(a, layout, refs.get(a.sha256) or a.source) for a in mirrored]
+    if spec.debian is not None:
+        groups += _debian(profile, spec.debian, mirror / "debian", fetcher)
+    models = _models(profile, profile_path, spec.models, mirror / "models", fetcher, log)
+    groups += _local_groups(profile, profile_path, options, mirror)
+    base_digest, omit = _base(options)
+    staging = options.out.with_name(f".{options.out.name}.staging-{os.getpid()}")
+    remove_staging(staging)
+    try:
+        created = _assemble(
+            profile, staging, groups, models, images, options, base_digest, omit, log
+        )
+        move_into_place(staging, options.out)
+    finally:
+        remove_staging(staging)
+    return Created(options.out, *created)
+
+
+def _beside(profile_path: Path, name: str) -> Path:
+    path = Path(name)
+    return path if path.is_absolute() else profile_path.parent / path
+
+
+def _ref_names(layout: Path) -> dict[str, str]:
+    try:
+        index = json.loads((layout / INDEX_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return {
+        entry["digest"].removeprefix("sha256:"): entry.get("annotations", {}).get(
+            "org.opencontainers.image.ref.name", ""
+        )
+        for entry in index.get("manifests", [])
+    }
+
+
+def _debian(profile: Profile, spec: BundleDebian, out: Path, fetcher: Fetcher) -> list[Group]:
+    recipe = load_recipe(profile.host.os)
+    lines = spec.sources or recipe.spec.sources
+    packages = sorted({*recipe.spec.packages_for(profile.kind), *spec.packages})
+    architectures = sorted({DEBIAN_ARCH[node.arch] for node in profile.nodes})
+    debs = mirror_sources(
+        [parse_source(line) for line in lines],
+        architectures,
+        packages,
+        Path(spec.keyring),
+        out,
+        fetcher,
+        include_priority_required=True,
+    )
+    return [[(deb, out / deb.path)] for deb in debs]
+
+
+@dataclass(frozen=True)
+class BundledModel:
+    """A model's files, and where the import puts them: its `bundle:` path, or for pkg:,
+    hf: and file: sources, models/<name>."""
+
+    target: str
+    group: Group
+
+
+def model_digest(files: list[tuple[str, str]]) -> str:
+    """What a profile's models[].sha256 pins: a single file's own sha256; for a directory
+    (vLLM weights), the sha256 of its listing in `sha256sum` form, sorted by path."""
+    if len(files) == 1:
+        return files[0][1]
+    listing = "".join(f"{digest}  {path}\n" for path, digest in sorted(files))
+    return hashlib.sha256(listing.encode()).hexdigest()
+
+
+def _models(
+    profile: Profile,
+    profile_path: Path,
+    spec: BundleModels,
+    out: Path,
+    fetcher: Fetcher,
+    log: Log,
+) -> list[BundledModel]:
+    endpoint = str(spec.endpoint)
+    bundled = []
+    for index, model in enumerate(profile.models):
+        scheme, _, rest = model.source.partition(":")
+        if scheme == "bundle":
+            origin, target = spec.sources[model.name], rest
+        elif scheme == "pkg":
+            origin, target = f"file:{weights_path(model.source)}", f"models/{model.name}"
+        elif scheme in ("hf", "file"):
+            origin, target = model.source, f"models/{model.name}"
+        else:
+            continue  # an upstream server's URL: nothing to carry
+        mirrored = mirror_model(origin, out, fetcher, endpoint, name=model.name)
+        digest = model_digest([(f.path, f.sha256) for f in mirrored.files])
+        if model.sha256 is not None and model.sha256 != digest:
+            raise BundleError(
+                f"{profile_path}: models[{index}].sha256 pins {model.sha256}, but {origin} "
+                f"is {digest}; the model changed, or the pin is of something else"
+            )
+        log(f"model {model.name}: {len(mirrored.files)} file(s), sha256 {digest}")
+        for warning in mirrored.warnings:
+            log(f"{model.name}: {warning}")
+        group = [
+            (replace(a, path=f.path), mirrored.directory / f.path)
+            for a, f in zip(mirrored.artifacts, mirrored.files, strict=True)
+        ]
+        bundled.append(BundledModel(target, group))
+    return bundled
+
+
+def _local_groups(
+    profile: Profile, profile_path: Path, options: CreateOptions, mirror: Path
+) -> list[Group]:
+    """What comes from this checkout rather than a server: policies, roles, configs, and
+    the node image when one is given."""
+    groups = [
+        _tree("policy", "policies", bundle_dir(profile)),
+        _tree("roles", "ansible", ROLES.parent, ("roles", "playbooks")),
+    ]
+    configs = mirror / "rendered"
+    rendered = render_files(profile)
+    for relative, content in rendered.items():
+        target = configs / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(content)
+    groups.append(_tree("config", profile.name, configs, tuple(sorted(rendered))))
+    if options.image is not None:
+        groups.append(_node_image(profile, options.image))
+    return groups
+
+
+def _tree(kind: ArtifactKind, name: str, root: Path, only: Iterable[str] | None = None) -> Group:
+    """Files from this checkout as one artifact, versioned by the digest of their listing."""
+    if not root.is_dir():
+        raise BundleError(f"{root}: not a directory; nothing to put in the {kind} artifact")
+    starts = [root / part for part in only] if only is not None else [root]
+    files = sorted(
+        f
+        for start in starts
+        for f in ([start] if start.is_file() else start.rglob("*"))
+        if f.is_file() and "__pycache__" not in f.parts
+    )
+    return _local_group(kind, name, root, files)
+
+
+def _local_group(
+    kind: ArtifactKind, name: str, root: Path, files: list[Path], version: str | None = None
+) -> Group:
+    digests = [(f.relative_to(root).as_posix(), _sha256(f)) for f in files]
+    listing = "".join(f"{digest}  {path}\n" for path, digest in digests).encode()
+    version = version or hashlib.sha256(listing).hexdigest()[:12]
+    return [
+        (Artifact(kind, name, version, path, digest, f.stat().st_size, str(f), None), f)
+        for (path, digest), f in zip(digests, files, strict=True)
+    ]
+
+
+def _sha256(file: Path) -> str:
+    digest = hashlib.sha256()
+    with file.open("rb") as stream:
+        while chunk := stream.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _node_image(profile: Profile, directory: Path) -> Group:
+    try:
+        manifest = json.loads((directory / IMAGE_MANIFEST).read_text())
+    except (OSError, ValueError) as error:
+        raise BundleError(
+            f"--image {directory}: not a `sovereign image build` output: {error}"
+        ) from None
+    if manifest.get("profile") != profile.name:
+        raise BundleError(
+            f"--image {directory} was built for profile {manifest.get('profile')!r}, "
+            f"not {profile.name!r}"
+        )
+    files = sorted(p for p in directory.iterdir() if p.name in IMAGE_FILES and p.is_file())
+    return _local_group("node-image", profile.name, directory, files, manifest.get("recipe_hash"))
+
+
+def _base(options: CreateOptions) -> tuple[str | None, set[str]]:
+    if options.base is None:
+        return None, set()
+    manifest, data, _ = read_signed(options.base, options.signing_key.public_key())
+    return manifest_digest(data), set(manifest["blobs"])
+
+
+def _assemble(
+    profile: Profile,
+    staging: Path,
+    groups: list[Group],
+    models: list[BundledModel],
+    images: list[tuple[Artifact, Path, str]],
+    options: CreateOptions,
+    base_digest: str | None,
+    omit: set[str],
+    log: Log,
+) -> tuple[str, int, int, int, int, list[str]]:
+    writer = LayoutWriter(staging, omit)
+    listed: list[dict[str, Any]] = []
+    everything: list[Artifact] = []
+    targets = {id(m.group): m.target for m in models}
+    for group in [g for g in groups if g] + [m.group for m in models if m.group]:
+        artifacts = [a for a, _ in group]
+        descriptor = writer.add_artifact(artifacts, [p for _, p in group])
+        first = artifacts[0]
+        entry = {
+            "kind": first.kind,
+            "name": first.name,
+            "version": first.version,
+            "source": first.source if len(group) == 1 else str(Path(first.source).parent),
+            "licence": first.licence,
+            "purl": first.purl,
+            "manifest": descriptor.digest,
+            "files": [
+                {"path": a.path, "digest": f"sha256:{a.sha256}", "size": a.size} for a in artifacts
+            ],
+        }
+        if id(group) in targets:
+            entry["target"] = targets[id(group)]
+        listed.append(entry)
+        everything += artifacts
+    for artifact, layout, ref_name in images:
+        descriptor = writer.add_image(layout, f"sha256:{artifact.sha256}", ref_name)
+        listed.append({**artifact.to_json(), "manifest": descriptor.digest, "ref": ref_name})
+        everything.append(artifact)
+    writer.write_layout()
+    log(f"{len(listed)} artifacts, {len(writer.sizes)} blobs")
+    (staging / SBOM_FILE).write_text(sbom_json(everything, profile.name, options.created))
+    manifest: dict[str, Any] = {
+        "format": FORMAT,
+        "created": options.created.isoformat(),
+        "profile": {"name": profile.name, "kind": profile.kind},
+        "artifacts": listed,
+        "blobs": dict(sorted(writer.sizes.items())),
+        "files": {n: file_digest(staging / n) for n in (LAYOUT_FILE, INDEX_FILE, SBOM_FILE)},
+    }
+    if base_digest is not None:
+        manifest["base"] = {"bundle": base_digest, "blobs": sorted(writer.omitted)}
+    data = sign(staging, manifest, options.signing_key)
+    carried = sum(size for d, size in writer.sizes.items() if d not in writer.omitted)
+    unlicensed = sorted(
+        {f"{a.kind} {a.name}" for a in everything if a.licence is None and a.kind in THIRD_PARTY}
+    )
+    return (
+        manifest_digest(data),
+        len(listed),
+        len(writer.sizes),
+        carried,
+        len(writer.omitted),
+        unlicensed,
+    )

@@ -1,0 +1,181 @@
+"""`sovereign bundle create|verify` and `sovereign keys create|show`: signed air-gap bundles.
+
+`bundle create` exits 0 with the bundle written whole, 1 when a fetch failed (nothing is
+written), 2 on bad input. `bundle verify` exits 0 when every check passed, 1 when the
+bundle is refused (each finding names its file), 2 on bad input.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from sovereign_gateway.keyfiles import KeyFileError, load_private_key, load_public_key
+
+from sovereign.bundle.create import CreateOptions, create_bundle
+from sovereign.bundle.layout import BundleError
+from sovereign.bundle.manifest import verify
+from sovereign.cli import app
+from sovereign.cli.memory import keys_app
+from sovereign.cli.output import EXIT_FAILED, console, errors, fail
+from sovereign.cli.profile import load_or_exit
+from sovereign.evidence import EvidenceError, key_id, load_or_create_signing_key
+from sovereign.mirror.fetch import DownloadsFailed, Fetcher, MirrorError
+
+bundle_app = typer.Typer(help="Make and check signed air-gap bundles.", no_args_is_help=True)
+app.add_typer(bundle_app, name="bundle")
+
+
+def default_signing_key() -> Path:
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "sovereign" / "bundle" / "ed25519.pem"
+
+
+def mirror_cache() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "sovereign" / "mirror"
+
+
+KeyOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--key",
+        help="the Ed25519 signing key (PEM); default ~/.config/sovereign/bundle/ed25519.pem",
+    ),
+]
+
+
+def signing_key(path: Path | None) -> Ed25519PrivateKey:
+    path = path or default_signing_key()
+    if not path.exists():
+        raise fail(
+            f"signing key {path} does not exist; make one with `sovereign keys create {path}`"
+        )
+    try:
+        return load_private_key(path)
+    except KeyFileError as error:
+        raise fail(f"signing key: {error}") from None
+
+
+@bundle_app.command("create")
+def create(
+    profile: Annotated[Path, typer.Argument(help="the node profile (YAML)")],
+    out: Annotated[Path, typer.Option("--out", help="a new directory for the bundle")],
+    key: KeyOption = None,
+    image: Annotated[
+        Path | None, typer.Option("--image", help="a `sovereign image build --out` directory")
+    ] = None,
+    base: Annotated[
+        Path | None,
+        typer.Option("--base", help="an earlier bundle: carry only the blobs it lacks"),
+    ] = None,
+    workers: Annotated[int, typer.Option(min=1, max=32, help="concurrent downloads")] = 4,
+) -> None:
+    """Fetch what the profile's bundle: section names, and write a signed bundle."""
+    loaded = load_or_exit(profile)
+    private_key = signing_key(key)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise fail(f"--out {out} exists and is not an empty directory")
+    options = CreateOptions(out, private_key, mirror_cache(), image, base)
+    try:
+        with Fetcher(workers=workers, console=errors) as fetcher:
+            created = create_bundle(
+                loaded, profile, options, fetcher, lambda line: errors.print(line, markup=False)
+            )
+    except DownloadsFailed as error:
+        raise fail(str(error), EXIT_FAILED) from None
+    except (BundleError, MirrorError) as error:
+        raise fail(str(error)) from None
+    carried = created.carried_bytes / 1e6
+    console.print(
+        f"✓ bundle {created.path}: {created.artifacts} artifacts, {created.blobs} blobs, "
+        f"{carried:.1f} MB",
+        markup=False,
+    )
+    if created.from_base:
+        console.print(
+            f"  differential: {created.from_base} blob(s) left to the base bundle", markup=False
+        )
+    for name in created.unlicensed:
+        console.print(f"  licence unknown (NOASSERTION in the SBOM): {name}", markup=False)
+    console.print(
+        f"  bundle.json {created.digest}, signed by {key_id(private_key.public_key())}",
+        markup=False,
+    )
+
+
+@bundle_app.command("verify")
+def verify_command(
+    bundle: Annotated[Path, typer.Argument(help="the bundle directory")],
+    trust: Annotated[
+        Path, typer.Option("--trust", help="the signer's Ed25519 public key (PEM) you trust")
+    ],
+    base: Annotated[
+        Path | None,
+        typer.Option("--base", help="the bundle a differential bundle was made against"),
+    ] = None,
+) -> None:
+    """Check the signature, every digest, and that no file is missing or unlisted."""
+    if not bundle.is_dir():
+        raise fail(f"{bundle} is not a directory")
+    try:
+        trusted = load_public_key(trust)
+    except KeyFileError as error:
+        raise fail(f"--trust: {error}") from None
+    result = verify(bundle, trusted, base)
+    if result.manifest is not None:
+        kinds: dict[str, int] = {}
+        for artifact in result.manifest["artifacts"]:
+            kinds[artifact["kind"]] = kinds.get(artifact["kind"], 0) + 1
+        listing = ", ".join(f"{count} {kind}" for kind, count in sorted(kinds.items()))
+        console.print(
+            f"bundle {bundle} ({result.manifest['profile']['name']}): {listing}", markup=False
+        )
+        console.print(
+            f"  signature: Ed25519, key {result.signer}; "
+            f"{result.blobs_checked} blobs, {result.bytes_checked / 1e6:.1f} MB checked"
+            + (f", {result.from_base} from the base" if result.from_base else ""),
+            markup=False,
+        )
+    for finding in result.findings:
+        errors.print(f"✗ {finding}", markup=False)
+    if not result.ok:
+        errors.print(f"✗ bundle {bundle} refused: {len(result.findings)} problem(s)", markup=False)
+        raise typer.Exit(EXIT_FAILED)
+    console.print(f"✓ bundle {bundle} verified", markup=False)
+
+
+@keys_app.command("create")
+def create_key(
+    path: Annotated[Path, typer.Argument(help="where to write the private key (PEM, 0600)")],
+) -> None:
+    """Make an Ed25519 signing key for bundles, with its public key beside it (.pub)."""
+    if path.exists():
+        raise fail(f"{path} exists; refusing to replace a key")
+    try:
+        private_key = load_or_create_signing_key(path)
+    except EvidenceError as error:
+        raise fail(str(error)) from None
+    console.print(f"✓ {path} (public key {path.with_suffix('.pub')})", markup=False)
+    console.print(f"  key id {key_id(private_key.public_key())}", markup=False)
+
+
+@keys_app.command("show")
+def show_key(path: Annotated[Path, typer.Argument(help="a private or public key (PEM)")]) -> None:
+    """Print a key's id and its public key, to hand to whoever verifies bundles."""
+    try:
+        public = load_public_key(path)
+    except KeyFileError:
+        try:
+            public = load_private_key(path).public_key()
+        except KeyFileError as error:
+            raise fail(str(error)) from None
+    pem = public.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    console.print(f"key id {key_id(public)}", markup=False)
+    console.print(pem.decode().rstrip(), markup=False)
