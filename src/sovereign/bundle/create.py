@@ -39,7 +39,8 @@ from sovereign.mirror.fetch import Fetcher
 from sovereign.mirror.models import mirror_model
 from sovereign.mirror.oci import mirror_images
 from sovereign.mirror.pypi import Target, mirror_wheels
-from sovereign.profile.model import BundleDebian, BundleModels, Profile
+from sovereign.profile.loader import locate
+from sovereign.profile.model import BundleDebian, BundleModels, BundleSpec, Profile
 from sovereign.render import render_files
 from sovereign.render.artifacts import weights_path
 from sovereign.render.policy import bundle_dir
@@ -91,6 +92,7 @@ def create_bundle(
     mirror = options.cache / profile.name
     groups: list[Group] = []
     images: list[tuple[Artifact, Path, str]] = []
+    _check_paths(profile_path, spec)
     if spec.wheels is not None:
         requirements = _beside(profile_path, spec.wheels.requirements)
         targets = [Target.parse(p, t) for p in spec.wheels.python for t in spec.wheels.platforms]
@@ -117,6 +119,22 @@ def create_bundle(
     finally:
         remove_staging(staging)
     return Created(options.out, *created)
+
+
+def _check_paths(profile_path: Path, spec: BundleSpec) -> None:
+    """The files the bundle: section names, before anything is fetched."""
+    named: list[tuple[tuple[str | int, ...], Path]] = []
+    if spec.wheels is not None:
+        wheels = _beside(profile_path, spec.wheels.requirements)
+        named.append((("bundle", "wheels", "requirements"), wheels))
+    if spec.debian is not None:
+        named.append((("bundle", "debian", "keyring"), Path(spec.debian.keyring)))
+    for name, origin in spec.models.sources.items():
+        if origin.startswith("file:"):
+            named.append((("bundle", "models", "sources", name), Path(origin[5:])))
+    for loc, path in named:
+        if not path.exists():
+            raise locate(profile_path, loc, f"{path} does not exist")
 
 
 def _beside(profile_path: Path, name: str) -> Path:
@@ -195,9 +213,11 @@ def _models(
         mirrored = mirror_model(origin, out, fetcher, endpoint, name=model.name)
         digest = model_digest([(f.path, f.sha256) for f in mirrored.files])
         if model.sha256 is not None and model.sha256 != digest:
-            raise BundleError(
-                f"{profile_path}: models[{index}].sha256 pins {model.sha256}, but {origin} "
-                f"is {digest}; the model changed, or the pin is of something else"
+            raise locate(
+                profile_path,
+                ("models", index, "sha256"),
+                f"pins {model.sha256}, but {origin} is {digest}; the model changed, or the "
+                "pin is of something else",
             )
         log(f"model {model.name}: {len(mirrored.files)} file(s), sha256 {digest}")
         for warning in mirrored.warnings:

@@ -21,10 +21,18 @@ from sovereign.bundle.layout import BundleError
 from sovereign.bundle.manifest import verify
 from sovereign.cli import app
 from sovereign.cli.memory import keys_app
-from sovereign.cli.output import EXIT_FAILED, console, errors, fail
+from sovereign.cli.output import (
+    EXIT_BAD_INPUT,
+    EXIT_FAILED,
+    console,
+    errors,
+    fail,
+    report_profile_error,
+)
 from sovereign.cli.profile import load_or_exit
 from sovereign.evidence import EvidenceError, key_id, load_or_create_signing_key
 from sovereign.mirror.fetch import DownloadsFailed, Fetcher, MirrorError
+from sovereign.profile.loader import ProfileError
 
 bundle_app = typer.Typer(help="Make and check signed air-gap bundles.", no_args_is_help=True)
 app.add_typer(bundle_app, name="bundle")
@@ -90,6 +98,9 @@ def create(
         raise fail(str(error), EXIT_FAILED) from None
     except (BundleError, MirrorError) as error:
         raise fail(str(error)) from None
+    except ProfileError as error:
+        report_profile_error(error)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
     carried = created.carried_bytes / 1e6
     console.print(
         f"✓ bundle {created.path}: {created.artifacts} artifacts, {created.blobs} blobs, "

@@ -63,6 +63,13 @@ def load_profile(path: Path) -> Profile:
     return parse_profile(text, str(path))
 
 
+def locate(path: Path, loc: Loc, message: str) -> ProfileError:
+    """An error about a valid profile's field `loc`, found later (a file it names is
+    missing, a digest it pins does not match), pointing at the field's line."""
+    document = _parse_yaml(path.read_text(encoding="utf-8"), str(path))
+    return ProfileError([_located(str(path), document, {}, "", loc, message, on_key=False)])
+
+
 def parse_profile(text: str, filename: str) -> Profile:
     document = _parse_yaml(text, filename)
     data = document.data

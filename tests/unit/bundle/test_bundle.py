@@ -303,3 +303,37 @@ def test_a_bundle_models_origin_must_be_pinned_and_name_a_model(tmp_path: Path) 
     )
     assert "a branch moves" in complaint
     assert "no model named 'missing-model' in models" in complaint
+
+
+def test_a_missing_file_or_a_wrong_pin_names_the_profile_line(tmp_path: Path) -> None:
+    key = tmp_path / "bundle.pem"
+    _invoke("keys", "create", str(key))
+    section = (
+        "bundle:\n"
+        "  wheels:\n"
+        "    index: http://127.0.0.1:9/simple/\n"
+        "    requirements: locks/absent.txt\n"
+        "  models:\n"
+        "    sources:\n"
+        f"      qwen2.5-7b-instruct-awq: file:{tmp_path / 'weights'}\n"
+    )
+    profile = _profile(tmp_path, section)
+    line = profile.read_text().splitlines().index("    requirements: locks/absent.txt") + 1
+    code, _, complaint = _invoke(
+        "bundle", "create", str(profile), "--out", str(tmp_path / "o"), "--key", str(key)
+    )
+    assert code == 2
+    assert (
+        f"{profile}:{line}:19: error: bundle.wheels.requirements: "
+        f"{tmp_path / 'locks/absent.txt'} does not exist" in complaint
+    )
+
+    profile = _profile(tmp_path)
+    (tmp_path / "weights" / "config.json").write_text("{}")  # not the weights it pinned
+    code, _, complaint = _invoke(
+        "bundle", "create", str(profile), "--out", str(tmp_path / "o"), "--key", str(key)
+    )
+    assert code == 2
+    assert "error: models[0].sha256: pins " in complaint
+    assert "the model changed, or the pin is of something else" in complaint
+    assert not (tmp_path / "o").exists()
