@@ -221,6 +221,10 @@ def _check_unlisted(result: Verification) -> None:
     for path in sorted(result.root.rglob("*")):
         relative = path.relative_to(result.root)
         if path.is_dir():
+            # An ext4 bundle partition may get its lost+found back from e2fsck; empty, it
+            # holds nothing to trust or distrust.
+            if relative.as_posix() == "lost+found" and not any(path.iterdir()):
+                continue
             if relative.as_posix() not in {"blobs", BLOBS.as_posix()}:
                 result.findings.append(Finding(relative.as_posix(), "unexpected directory"))
             continue

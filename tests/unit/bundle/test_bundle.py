@@ -337,3 +337,17 @@ def test_a_missing_file_or_a_wrong_pin_names_the_profile_line(tmp_path: Path) ->
     assert "error: models[0].sha256: pins " in complaint
     assert "the model changed, or the pin is of something else" in complaint
     assert not (tmp_path / "o").exists()
+
+
+def test_an_empty_lost_and_found_is_tolerated_but_not_one_with_files(
+    tmp_path: Path, key: Ed25519PrivateKey
+) -> None:
+    bundle = _create(tmp_path, key)
+    (bundle / "lost+found").mkdir()
+    assert verify(bundle, key.public_key()).ok
+    (bundle / "lost+found" / "#12").write_bytes(b"recovered")
+    found = {str(f) for f in verify(bundle, key.public_key()).findings}
+    assert found == {
+        "lost+found: unexpected directory",
+        "lost+found/#12: not listed in bundle.json",
+    }
