@@ -13,7 +13,7 @@ import json
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -22,6 +22,7 @@ from sovereign.bundle.layout import (
     FORMAT,
     INDEX_FILE,
     LAYOUT_FILE,
+    REF_NAME,
     SBOM_FILE,
     BundleError,
     LayoutWriter,
@@ -37,8 +38,9 @@ from sovereign.mirror.artifact import Artifact, ArtifactKind
 from sovereign.mirror.debian import mirror_sources, parse_source
 from sovereign.mirror.fetch import Fetcher
 from sovereign.mirror.models import mirror_model
-from sovereign.mirror.oci import mirror_images
+from sovereign.mirror.oci import SOURCE, mirror_images
 from sovereign.mirror.pypi import Target, mirror_wheels
+from sovereign.profile.derived import BUNDLE_ROOT
 from sovereign.profile.loader import locate
 from sovereign.profile.model import BundleDebian, BundleModels, BundleSpec, Profile
 from sovereign.render import render_files
@@ -103,7 +105,7 @@ def create_bundle(
         layout = mirror / "oci"
         mirrored = mirror_images(spec.images, layout, fetcher, spec.platforms)
         refs = _ref_names(layout)
-        images = [(a, layout, refs.get(a.sha256) or a.source) for a in mirrored]
+        images = [(a, layout, refs.get(a.source) or a.source) for a in mirrored]
     if spec.debian is not None:
         groups += _debian(profile, spec.debian, mirror / "debian", fetcher)
     models = _models(profile, profile_path, spec.models, mirror / "models", fetcher, log)
@@ -143,16 +145,18 @@ def _beside(profile_path: Path, name: str) -> Path:
 
 
 def _ref_names(layout: Path) -> dict[str, str]:
+    """Each mirrored reference's ref name in the layout, by the reference it came from:
+    two references may share one image, so the manifest digest cannot tell them apart."""
     try:
         index = json.loads((layout / INDEX_FILE).read_text())
     except (OSError, ValueError):
         return {}
-    return {
-        entry["digest"].removeprefix("sha256:"): entry.get("annotations", {}).get(
-            "org.opencontainers.image.ref.name", ""
-        )
-        for entry in index.get("manifests", [])
-    }
+    names = {}
+    for entry in index.get("manifests", []):
+        annotations = entry.get("annotations", {})
+        if SOURCE in annotations and REF_NAME in annotations:
+            names[annotations[SOURCE]] = annotations[REF_NAME]
+    return names
 
 
 def _debian(profile: Profile, spec: BundleDebian, out: Path, fetcher: Fetcher) -> list[Group]:
@@ -174,8 +178,9 @@ def _debian(profile: Profile, spec: BundleDebian, out: Path, fetcher: Fetcher) -
 
 @dataclass(frozen=True)
 class BundledModel:
-    """A model's files, and where the import puts them: its `bundle:` path, or for pkg:,
-    hf: and file: sources, models/<name>."""
+    """A model's files, and where the import puts them under the node's bundle root: its
+    `bundle:` path; hf/<org>/<repo>/<commit> for hf: (where the renderer points the node);
+    models/<name> for pkg: and file: sources, whose node paths lie outside the bundle."""
 
     target: str
     group: Group
@@ -206,7 +211,11 @@ def _models(
             origin, target = spec.sources[model.name], rest
         elif scheme == "pkg":
             origin, target = f"file:{weights_path(model.source)}", f"models/{model.name}"
-        elif scheme in ("hf", "file"):
+        elif scheme == "hf":
+            # Where the node looks for it: bundle root/hf/<org>/<repo>/<commit>/<file>.
+            node_path = PurePosixPath(weights_path(model.source))
+            origin, target = model.source, node_path.parent.relative_to(BUNDLE_ROOT).as_posix()
+        elif scheme == "file":
             origin, target = model.source, f"models/{model.name}"
         else:
             continue  # an upstream server's URL: nothing to carry

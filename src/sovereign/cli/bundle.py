@@ -1,8 +1,12 @@
-"""`sovereign bundle create|verify` and `sovereign keys create|show`: signed air-gap bundles.
+"""`sovereign bundle create|verify|import` and `sovereign keys create|show`: signed air-gap
+bundles.
 
 `bundle create` exits 0 with the bundle written whole, 1 when a fetch failed (nothing is
 written), 2 on bad input. `bundle verify` exits 0 when every check passed, 1 when the
-bundle is refused (each finding names its file), 2 on bad input.
+bundle is refused (each finding names its file), 2 on bad input. `bundle import` exits 0
+when everything is in place (or was already), 1 when the bundle is refused (nothing is
+imported) or the import stopped midway (what failed is named; what was written before it
+is intact), 2 on bad input.
 """
 
 from __future__ import annotations
@@ -17,6 +21,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sovereign_gateway.keyfiles import KeyFileError, load_private_key, load_public_key
 
 from sovereign.bundle.create import CreateOptions, create_bundle
+from sovereign.bundle.importer import (
+    ImportFailed,
+    ImportOptions,
+    ImportRefused,
+    import_bundle,
+    valid_registry,
+)
 from sovereign.bundle.layout import BundleError
 from sovereign.bundle.manifest import verify
 from sovereign.cli import app
@@ -46,6 +57,12 @@ def default_signing_key() -> Path:
 def mirror_cache() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "sovereign" / "mirror"
+
+
+def apt_key_home() -> Path:
+    """Where `bundle import` keeps the apt archive keys it makes: beside the signing key,
+    never in the import directory, which is served."""
+    return default_signing_key().parent / "apt-archive"
 
 
 KeyOption = Annotated[
@@ -158,6 +175,80 @@ def verify_command(
         errors.print(f"✗ bundle {bundle} refused: {len(result.findings)} problem(s)", markup=False)
         raise typer.Exit(EXIT_FAILED)
     console.print(f"✓ bundle {bundle} verified", markup=False)
+
+
+@bundle_app.command("import")
+def import_command(
+    bundle: Annotated[Path, typer.Argument(help="the bundle directory")],
+    trust: Annotated[
+        Path, typer.Option("--trust", help="the signer's Ed25519 public key (PEM) you trust")
+    ],
+    into: Annotated[
+        Path, typer.Option("--into", help="the mirror directory (made if missing; reused)")
+    ],
+    base: Annotated[
+        Path | None,
+        typer.Option("--base", help="the bundle a differential bundle was made against"),
+    ] = None,
+    registry: Annotated[
+        str | None,
+        typer.Option(
+            "--registry",
+            help="HOST:PORT of the registry to push images to; default: the profile's oci mirror",
+        ),
+    ] = None,
+    apt_key: Annotated[
+        Path | None,
+        typer.Option(
+            "--apt-key",
+            help="a secret OpenPGP key (exported, no passphrase) to sign the apt repository; "
+            "default: one made on the first import, kept in "
+            "~/.config/sovereign/bundle/apt-archive/<profile>/",
+        ),
+    ] = None,
+) -> None:
+    """Verify a bundle, then fill the local mirrors and the node's configs from it."""
+    if not bundle.is_dir():
+        raise fail(f"{bundle} is not a directory")
+    if base is not None and not base.is_dir():
+        raise fail(f"--base {base} is not a directory")
+    if into.exists() and not into.is_dir():
+        raise fail(f"--into {into} exists and is not a directory")
+    if apt_key is not None and not apt_key.is_file():
+        raise fail(f"--apt-key {apt_key} is not a file")
+    if registry is not None and not valid_registry(registry):
+        raise fail(f"--registry {registry!r}: expected HOST:PORT, such as 127.0.0.1:5000")
+    try:
+        trusted = load_public_key(trust)
+    except KeyFileError as error:
+        raise fail(f"--trust: {error}") from None
+    options = ImportOptions(bundle, trusted, into, apt_key_home(), base, registry, apt_key)
+    try:
+        imported = import_bundle(options, lambda line: errors.print(line, markup=False))
+    except ImportRefused as refused:
+        for finding in refused.findings:
+            errors.print(f"✗ {finding}", markup=False)
+        raise fail(f"bundle {bundle} refused: {refused}", EXIT_FAILED) from None
+    except ImportFailed as error:
+        raise fail(f"import into {into} stopped: {error}", EXIT_FAILED) from None
+    except BundleError as error:
+        raise fail(str(error)) from None
+    except OSError as error:
+        # Outside the import's own steps: the directory or the key home cannot be written.
+        raise fail(f"{error.filename or into}: {error.strerror}", EXIT_FAILED) from None
+    for kind in imported.kinds:
+        state = f"{kind.written} written" if kind.written else "unchanged"
+        detail = f"; {kind.detail}" if kind.detail else ""
+        console.print(f"  {kind.kind}: {kind.count} → {kind.where} ({state}{detail})", markup=False)
+    if not imported.changed:
+        again = "was already imported" if imported.seen_before else "is already in place"
+        console.print(
+            f"✓ nothing changed: bundle {imported.digest} {again} in {into}", markup=False
+        )
+    else:
+        console.print(
+            f"✓ bundle {imported.digest} ({imported.profile}) imported into {into}", markup=False
+        )
 
 
 @keys_app.command("create")

@@ -361,7 +361,7 @@ class RegistryClient:
 
     def base(self, ref: ImageRef) -> str:
         """Loopback registries, and those listed as plain HTTP, are spoken to without TLS."""
-        plain = _is_loopback(ref.registry) or ref.registry in self.plain_http
+        plain = is_loopback(ref.registry) or ref.registry in self.plain_http
         return f"{'http' if plain else 'https'}://{ref.api_host}/v2/{ref.repository}"
 
     def manifest(self, ref: ImageRef, reference: str) -> Manifest:
@@ -439,7 +439,7 @@ def _media_type(document: Mapping[str, Any], content_type: str) -> str:
     return header or f"schemaVersion {document.get('schemaVersion')}"
 
 
-def _is_loopback(registry: str) -> bool:
+def is_loopback(registry: str) -> bool:
     host = urlsplit(f"//{registry}").hostname or ""
     if host == "localhost":
         return True

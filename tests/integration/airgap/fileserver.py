@@ -170,6 +170,8 @@ class Handler(BaseHTTPRequestHandler):
             status = HTTPStatus.PARTIAL_CONTENT
         self.send_response(status)
         self.send_header("Accept-Ranges", "bytes")
+        if file.suffix == ".html":
+            self.send_header("Content-Type", "text/html; charset=utf-8")
         self.send_header("Content-Length", str(end - start + 1))
         if status == HTTPStatus.PARTIAL_CONTENT:
             self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
