@@ -230,7 +230,7 @@ def _models(
             )
         log(f"model {model.name}: {len(mirrored.files)} file(s), sha256 {digest}")
         for warning in mirrored.warnings:
-            log(f"{model.name}: {warning}")
+            log(warning)
         group = [
             (replace(a, path=f.path), mirrored.directory / f.path)
             for a, f in zip(mirrored.artifacts, mirrored.files, strict=True)
