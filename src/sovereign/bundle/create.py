@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
-import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
@@ -27,6 +26,7 @@ from sovereign.bundle.layout import (
     BundleError,
     LayoutWriter,
     move_into_place,
+    new_staging,
     remove_staging,
 )
 from sovereign.bundle.manifest import file_digest, manifest_digest, read_signed, sign
@@ -95,6 +95,9 @@ def create_bundle(
     groups: list[Group] = []
     images: list[tuple[Artifact, Path, str]] = []
     _check_paths(profile_path, spec)
+    # The options are checked before anything is fetched.
+    image = _node_image(profile, options.image) if options.image is not None else []
+    base_digest, omit = _base(options)
     if spec.wheels is not None:
         requirements = _beside(profile_path, spec.wheels.requirements)
         targets = [Target.parse(p, t) for p in spec.wheels.python for t in spec.wheels.platforms]
@@ -109,10 +112,9 @@ def create_bundle(
     if spec.debian is not None:
         groups += _debian(profile, spec.debian, mirror / "debian", fetcher)
     models = _models(profile, profile_path, spec.models, mirror / "models", fetcher, log)
-    groups += _local_groups(profile, profile_path, options, mirror)
-    base_digest, omit = _base(options)
-    staging = options.out.with_name(f".{options.out.name}.staging-{os.getpid()}")
-    remove_staging(staging)
+    groups += _local_groups(profile, mirror)
+    groups.append(image)
+    staging = new_staging(options.out)
     try:
         created = _assemble(
             profile, staging, groups, models, images, options, base_digest, omit, log
@@ -239,11 +241,8 @@ def _models(
     return bundled
 
 
-def _local_groups(
-    profile: Profile, profile_path: Path, options: CreateOptions, mirror: Path
-) -> list[Group]:
-    """What comes from this checkout rather than a server: policies, roles, configs, and
-    the node image when one is given."""
+def _local_groups(profile: Profile, mirror: Path) -> list[Group]:
+    """What comes from this checkout rather than a server: policies, roles, configs."""
     groups = [
         _tree("policy", "policies", bundle_dir(profile)),
         _tree("roles", "ansible", ROLES.parent, ("roles", "playbooks")),
@@ -255,8 +254,6 @@ def _local_groups(
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(content)
     groups.append(_tree("config", profile.name, configs, tuple(sorted(rendered))))
-    if options.image is not None:
-        groups.append(_node_image(profile, options.image))
     return groups
 
 
@@ -313,7 +310,10 @@ def _node_image(profile: Profile, directory: Path) -> Group:
 def _base(options: CreateOptions) -> tuple[str | None, set[str]]:
     if options.base is None:
         return None, set()
-    manifest, data, _ = read_signed(options.base, options.signing_key.public_key())
+    try:
+        manifest, data, _ = read_signed(options.base, options.signing_key.public_key())
+    except BundleError as error:
+        raise BundleError(f"--base {options.base}: {error}") from None
     return manifest_digest(data), set(manifest["blobs"])
 
 
@@ -340,7 +340,7 @@ def _assemble(
             "kind": first.kind,
             "name": first.name,
             "version": first.version,
-            "source": first.source if len(group) == 1 else str(Path(first.source).parent),
+            "source": first.source if len(group) == 1 else first.source.rsplit("/", 1)[0],
             "licence": first.licence,
             "purl": first.purl,
             "manifest": descriptor.digest,

@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -222,6 +223,16 @@ def move_into_place(staging: Path, out: Path) -> None:
             raise BundleError(f"{out} exists and is not empty; give a new directory")
         out.rmdir()
     os.replace(staging, out)
+
+
+def new_staging(out: Path) -> Path:
+    """A fresh private directory beside `out`, for a result that appears at `out` whole.
+    mkdtemp never reuses or follows an existing name, so nothing planted there is used."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
+    except OSError as error:
+        raise BundleError(f"{out}: cannot write beside it: {error.strerror}") from None
 
 
 def remove_staging(staging: Path) -> None:

@@ -13,6 +13,7 @@ import binascii
 import hashlib
 import json
 import os
+import stat
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,19 +152,35 @@ def verify(root: Path, trusted: Ed25519PublicKey, base: Path | None = None) -> V
         result.findings.append(Finding(f"{BLOBS}/{digest[7:]}", "should be in the base only"))
     _check_listed_files(result, manifest)
     _check_unlisted(result)
-    to_hash = [d for d in carried if blob_path(root, d).is_file()]
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        for digest, actual, size in pool.map(lambda d: (d, *_hash(blob_path(root, d))), to_hash):
-            result.blobs_checked += 1
-            result.bytes_checked += size
-            if actual != digest:
-                result.findings.append(Finding(f"{BLOBS}/{digest[7:]}", f"content is {actual}"))
-            elif size != carried[digest]:
-                result.findings.append(
-                    Finding(f"{BLOBS}/{digest[7:]}", f"{size} bytes, listed {carried[digest]}")
-                )
+    _check_special(result, root, "")
+    _hash_blobs(result, root, {d: s for d, s in carried.items() if d in present}, "")
     result.from_base = len(left_to_base)
     return result
+
+
+def _hash_blobs(result: Verification, root: Path, blobs: dict[str, int], where: str) -> None:
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        for digest, actual, size in pool.map(lambda d: (d, *_hash(blob_path(root, d))), blobs):
+            result.blobs_checked += 1
+            result.bytes_checked += size
+            name = f"{where}{BLOBS}/{digest[7:]}"
+            if actual != digest:
+                result.findings.append(Finding(name, f"content is {actual}"))
+            elif size != blobs[digest]:
+                result.findings.append(Finding(name, f"{size} bytes, listed {blobs[digest]}"))
+
+
+def _check_special(result: Verification, root: Path, where: str) -> None:
+    """Only plain files and directories: a symlink could point outside the bundle, and a
+    FIFO or a device would stand in for a blob without being hashed."""
+    for folder, directories, files in os.walk(root):
+        for name in directories + files:
+            path = Path(folder) / name
+            mode = path.lstat().st_mode
+            if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                kind = "a symlink" if stat.S_ISLNK(mode) else "not a regular file"
+                relative = path.relative_to(root).as_posix()
+                result.findings.append(Finding(f"{where}{relative}", f"{kind}; refused"))
 
 
 def _check_base(
@@ -199,17 +216,30 @@ def _check_base(
     missing = left_to_base - set(base_manifest["blobs"])
     for digest in sorted(missing):
         result.findings.append(Finding(f"{BLOBS}/{digest[7:]}", "in neither bundle nor base"))
+    # The base's signed list vouches for what it should hold; its files must still match.
+    where = f"base {base}: "
+    _check_special(result, base, where)
+    present = {f"sha256:{name}" for name in _blob_files(base)}
+    for digest in sorted((left_to_base - missing) - present):
+        result.findings.append(Finding(f"{where}{BLOBS}/{digest[7:]}", "missing"))
+    supplied = {d: base_manifest["blobs"][d] for d in left_to_base - missing if d in present}
+    _hash_blobs(result, base, supplied, where)
 
 
 def _blob_files(root: Path) -> set[str]:
+    """The plain files in blobs/sha256; anything else there is reported by _check_special."""
     folder = root / BLOBS
-    return {p.name for p in folder.iterdir()} if folder.is_dir() else set()
+    if folder.is_symlink() or not folder.is_dir():
+        return set()
+    return {p.name for p in folder.iterdir() if stat.S_ISREG(p.lstat().st_mode)}
 
 
 def _check_listed_files(result: Verification, manifest: dict[str, Any]) -> None:
     for name in LISTED_FILES:
         expected = manifest["files"].get(name)
         path = result.root / name
+        if path.is_symlink():
+            continue  # reported by _check_special
         if not path.is_file():
             result.findings.append(Finding(name, "missing"))
         elif (actual := _hash(path)[0]) != expected:
@@ -237,7 +267,7 @@ def _check_unlisted(result: Verification) -> None:
 def _hash(path: Path) -> tuple[str, int]:
     digest = hashlib.sha256()
     size = 0
-    with path.open("rb") as stream:
+    with open(os.open(path, os.O_RDONLY | os.O_NOFOLLOW), "rb") as stream:
         while chunk := stream.read(CHUNK):
             digest.update(chunk)
             size += len(chunk)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import re
 import tarfile
 from collections.abc import Iterator
@@ -33,15 +32,23 @@ from sovereign.bundle.layout import (
     BundleError,
     dumps,
     move_into_place,
+    new_staging,
     remove_staging,
 )
-from sovereign.bundle.manifest import manifest_digest, read_signed, sign_bytes, verify_bytes
+from sovereign.bundle.manifest import (
+    manifest_digest,
+    read_signed,
+    sign_bytes,
+    verify,
+    verify_bytes,
+)
 
 VOLUMES_FILE = "volumes.json"
 VOLUMES_SIGNATURE = "volumes.json.sig"
 VOLUMES_FORMAT = "sovereign-bundle-volumes/1"
 VOLUME_NAME = re.compile(r"bundle\.vol(\d{3})\.tar")
 MIN_VOLUME = 1 << 20
+MAX_VOLUMES = 999  # the three digits of the volume names
 TOP_FILES = (MANIFEST_FILE, SIGNATURE_FILE, LAYOUT_FILE, INDEX_FILE, SBOM_FILE)
 
 
@@ -121,12 +128,21 @@ def _bundle_files(bundle: Path) -> Iterator[str]:
 
 def split(bundle: Path, out: Path, limit: int, key: Ed25519PrivateKey) -> tuple[list[Volume], str]:
     """Cut the (verified) bundle into volumes in `out`; gives them and the bundle's digest."""
+    checked = verify(bundle, key.public_key())
+    if not checked.ok or checked.manifest is None:
+        problems = "; ".join(map(str, checked.findings[:5]))
+        raise BundleError(f"{bundle} does not verify, so it is not split: {problems}")
     manifest, data, _ = read_signed(bundle, key.public_key())
+    total = sum((bundle / name).stat().st_size for name in _bundle_files(bundle))
+    # Each file's tar header and padding: at most 1.5 KiB in PAX format.
+    if (total + 1536 * len(list(_bundle_files(bundle))) + 10240) // limit >= MAX_VOLUMES:
+        raise BundleError(
+            f"--volume-size {limit}: the bundle would need more than {MAX_VOLUMES} volumes; "
+            "give a larger size"
+        )
     if manifest.get("base"):
         raise BundleError(f"{bundle} is differential; split the full bundle it updates instead")
-    staging = out.with_name(f".{out.name}.staging-{os.getpid()}")
-    remove_staging(staging)
-    staging.mkdir(parents=True)
+    staging = new_staging(out)
     try:
         writer = _VolumeWriter(staging, limit)
         with tarfile.open(fileobj=writer, mode="w|", format=tarfile.PAX_FORMAT) as archive:
@@ -173,14 +189,15 @@ def join(folder: Path, out: Path, trusted: Ed25519PublicKey) -> str:
             raise BundleError(
                 f"{volume.name}: sha256 {digest} ({size} bytes) is not the listed one"
             )
-    staging = out.with_name(f".{out.name}.staging-{os.getpid()}")
-    remove_staging(staging)
-    staging.mkdir(parents=True)
+    staging = new_staging(out)
     try:
         with io.BufferedReader(_Concatenated([folder / v.name for v in volumes]), CHUNK) as stream:
             _unpack(stream, staging)
-        _, data, _ = read_signed(staging, trusted)
-        if manifest_digest(data) != listing["bundle"]:
+        checked = verify(staging, trusted)
+        if not checked.ok or checked.digest is None:
+            problems = "; ".join(map(str, checked.findings[:5]))
+            raise BundleError(f"the bundle in the volumes does not verify: {problems}")
+        if checked.digest != listing["bundle"]:
             raise BundleError(
                 f"{VOLUMES_FILE}: names bundle {listing['bundle']}, the volumes hold another"
             )

@@ -42,7 +42,7 @@ from sovereign.cli.output import (
 )
 from sovereign.cli.profile import load_or_exit
 from sovereign.evidence import EvidenceError, key_id, load_or_create_signing_key
-from sovereign.mirror.fetch import DownloadsFailed, Fetcher, MirrorError
+from sovereign.mirror.fetch import DownloadsFailed, Fetcher, GaveUp, HttpStatusError, MirrorError
 from sovereign.profile.loader import ProfileError
 
 bundle_app = typer.Typer(help="Make and check signed air-gap bundles.", no_args_is_help=True)
@@ -111,7 +111,7 @@ def create(
             created = create_bundle(
                 loaded, profile, options, fetcher, lambda line: errors.print(line, markup=False)
             )
-    except DownloadsFailed as error:
+    except (DownloadsFailed, GaveUp, HttpStatusError) as error:
         raise fail(str(error), EXIT_FAILED) from None
     except (BundleError, MirrorError) as error:
         raise fail(str(error)) from None
@@ -256,8 +256,9 @@ def create_key(
     path: Annotated[Path, typer.Argument(help="where to write the private key (PEM, 0600)")],
 ) -> None:
     """Make an Ed25519 signing key for bundles, with its public key beside it (.pub)."""
-    if path.exists():
-        raise fail(f"{path} exists; refusing to replace a key")
+    for existing in (path, path.with_suffix(".pub")):
+        if existing.exists():
+            raise fail(f"{existing} exists; refusing to replace a key")
     try:
         private_key = load_or_create_signing_key(path)
     except EvidenceError as error:

@@ -179,6 +179,8 @@ class Fetcher:
         """A small document (an index, a manifest), read whole; any non-2xx is an error."""
         try:
             response = self.http.get(url, headers=headers, auth=auth, timeout=self.timeout)
+        except (requests.ConnectionError, requests.Timeout) as error:
+            raise GaveUp(f"{url}: {_reason(error)}") from None
         except requests.RequestException as error:
             raise MirrorError(f"{url}: {_reason(error)}") from None
         if not response.ok:
@@ -273,6 +275,9 @@ class Fetcher:
             raise _Transient(_reason(error)) from error
         except requests.exceptions.ChunkedEncodingError as error:
             raise _Transient(_reason(error)) from error
+        except requests.RequestException as error:
+            # Redirect loops, undecodable bodies, URLs of a scheme we do not fetch.
+            raise MirrorError(f"{item.url}: {_reason(error)}") from None
 
     def download_all(self, items: Iterable[Download], what: str) -> list[Fetched]:
         """Every item, `workers` at a time. A failure does not stop the others; all
@@ -301,7 +306,7 @@ class Fetcher:
                         item = futures[future]
                         try:
                             fetched = future.result()
-                        except MirrorError as error:
+                        except (MirrorError, OSError) as error:
                             failures[item.url] = error
                             continue
                         results.append(fetched)

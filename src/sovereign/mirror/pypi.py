@@ -24,7 +24,7 @@ from packaging import tags
 from packaging.markers import Marker
 from packaging.metadata import Metadata
 from packaging.requirements import InvalidRequirement, Requirement
-from packaging.specifiers import SpecifierSet
+from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.utils import (
     InvalidWheelFilename,
     NormalizedName,
@@ -66,6 +66,13 @@ class Target:
             raise MirrorError(f"python version {python!r}: expected 3.N, such as 3.11")
         if not re.fullmatch(r"[a-z0-9_]+", platform):
             raise MirrorError(f"platform {platform!r}: expected a wheel platform tag")
+        legacy = re.fullmatch(r"(manylinux1|manylinux2010|manylinux2014)_(\w+)", platform)
+        if legacy:
+            glibc = {v: k for k, v in LEGACY_MANYLINUX.items()}[legacy.group(1)]
+            raise MirrorError(
+                f"platform {platform!r}: give the glibc it means, "
+                f"manylinux_{glibc[0]}_{glibc[1]}_{legacy.group(2)}"
+            )
         return cls((3, int(match.group(1))), platform)
 
     def __str__(self) -> str:
@@ -107,6 +114,14 @@ class IndexFile:
     url: str
     sha256: str | None
     requires_python: str | None
+
+
+def _allows(requires_python: str, python: Version) -> bool:
+    """pip skips a file whose Requires-Python it cannot read; so does the mirror."""
+    try:
+        return python in SpecifierSet(requires_python)
+    except InvalidSpecifier:
+        return False
 
 
 def _expand_platform(platform: str) -> Iterator[str]:
@@ -286,7 +301,7 @@ def choose(pin: Pin, files: Iterable[IndexFile], target: Target) -> IndexFile:
         if name != pin.name or version != pin.version:
             continue
         seen.append(file.filename)
-        if file.requires_python and python not in SpecifierSet(file.requires_python):
+        if file.requires_python and not _allows(file.requires_python, python):
             continue
         rank = min((ranked[tag] for tag in wheel_tags if tag in ranked), default=None)
         if rank is None or (file.sha256 is not None and file.sha256 not in pin.hashes):

@@ -12,6 +12,9 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, NamedTuple
 from urllib.parse import urlsplit
 
+from sovereign.mirror.fetch import MirrorError
+from sovereign.mirror.oci import Platform, parse_reference
+from sovereign.mirror.pypi import Target
 from sovereign.profile.derived import dns_label, local_weights_path
 from sovereign.profile.types import duration_seconds, is_cidr, split_host_port
 
@@ -529,9 +532,25 @@ def _bundle(profile: Profile) -> Iterator[Violation]:
                 f"{origin!r}: expected hf:<org>/<repo>@<40-hex commit> (a branch moves; a "
                 "commit does not) or file:/<path>",
             )
-    for index, python in enumerate(profile.bundle.wheels.python if profile.bundle.wheels else []):
+    wheels = profile.bundle.wheels
+    for index, python in enumerate(wheels.python if wheels else []):
         if not re.fullmatch(r"3\.\d+", python):
             yield Violation(("bundle", "wheels", "python", index), f"{python!r}: expected 3.N")
+    for index, platform in enumerate(wheels.platforms if wheels else []):
+        try:
+            Target.parse("3.11", platform)
+        except MirrorError as error:
+            yield Violation(("bundle", "wheels", "platforms", index), str(error))
+    for index, ref in enumerate(profile.bundle.images):
+        try:
+            parse_reference(ref)
+        except MirrorError as error:
+            yield Violation(("bundle", "images", index), str(error))
+    for index, platform in enumerate(profile.bundle.platforms):
+        try:
+            Platform.parse(platform)
+        except MirrorError as error:
+            yield Violation(("bundle", "platforms", index), str(error))
 
 
 _HF_ORIGIN = re.compile(r"hf:[\w.-]+/[\w.-]+@[0-9a-f]{40}")

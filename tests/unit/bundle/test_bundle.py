@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -351,3 +352,73 @@ def test_an_empty_lost_and_found_is_tolerated_but_not_one_with_files(
         "lost+found: unexpected directory",
         "lost+found/#12: not listed in bundle.json",
     }
+
+
+@pytest.mark.parametrize("stand_in", ["dangling symlink", "symlink to a copy", "fifo"])
+def test_a_blob_that_is_not_a_plain_file_is_refused(
+    tmp_path: Path, key: Ed25519PrivateKey, stand_in: str
+) -> None:
+    bundle = _create(tmp_path, key, image=_image(tmp_path))
+    blob = max((bundle / BLOBS).iterdir(), key=lambda p: p.stat().st_size)
+    copy = tmp_path / "elsewhere"
+    copy.write_bytes(blob.read_bytes())
+    blob.unlink()
+    if stand_in == "dangling symlink":
+        blob.symlink_to(tmp_path / "nothing")
+    elif stand_in == "symlink to a copy":
+        blob.symlink_to(copy)  # the right bytes, but outside the bundle
+    else:
+        os.mkfifo(blob)
+    result = verify(bundle, key.public_key())
+    assert not result.ok
+    problems = {f.problem for f in result.findings if f.file == f"blobs/sha256/{blob.name}"}
+    assert "missing" in problems
+    assert any(p.endswith("; refused") for p in problems)
+
+
+def test_a_differential_bundle_over_a_damaged_base_is_refused(
+    tmp_path: Path, key: Ed25519PrivateKey
+) -> None:
+    base = _create(tmp_path, key, "base", image=_image(tmp_path, disk=b"disk v1"))
+    update = _create(tmp_path, key, "update", image=_image(tmp_path, disk=b"disk v2"), base=base)
+    left = json.loads((update / "bundle.json").read_text())["base"]["blobs"]
+    damaged = base / BLOBS / left[0][7:]
+    damaged.write_bytes(damaged.read_bytes() + b"!")
+    result = verify(update, key.public_key(), base)
+    assert [str(f) for f in result.findings] == [
+        f"base {base}: blobs/sha256/{left[0][7:]}: content is "
+        f"sha256:{hashlib.sha256(damaged.read_bytes()).hexdigest()}"
+    ]
+
+
+def test_keys_create_never_replaces_a_public_key_already_there(tmp_path: Path) -> None:
+    trusted = tmp_path / "vendor.pub"
+    trusted.write_text("the vendor's key, kept to verify their bundles\n")
+    code, _, complaint = _invoke("keys", "create", str(tmp_path / "vendor.pem"))
+    assert code == 2
+    assert f"{trusted} exists; refusing to replace a key" in complaint
+    assert trusted.read_text() == "the vendor's key, kept to verify their bundles\n"
+    assert not (tmp_path / "vendor.pem").exists()
+
+
+def test_bundle_platforms_and_images_are_checked_when_the_profile_is(tmp_path: Path) -> None:
+    section = (
+        "bundle:\n"
+        "  wheels:\n"
+        "    index: https://pypi.org/simple/\n"
+        "    requirements: locks/gateway.txt\n"
+        "    platforms: [manylinux2014_x86_64]\n"
+        "  images: ['registry.example/UPPER:1']\n"
+        "  platforms: [amd64]\n"
+        "  models:\n"
+        "    sources:\n"
+        f"      qwen2.5-7b-instruct-awq: file:{tmp_path}\n"
+    )
+    profile = _profile(tmp_path, section)
+    lines = profile.read_text().splitlines()
+    code, _, complaint = _invoke("profile", "validate", str(profile))
+    assert code == 2
+    assert f"{profile}:{lines.index('    platforms: [manylinux2014_x86_64]') + 1}:" in complaint
+    assert "bundle.wheels.platforms[0]: platform 'manylinux2014_x86_64'" in complaint
+    assert "bundle.images[0]: " in complaint
+    assert "bundle.platforms[0]: 'amd64': a platform is os/architecture[/variant]" in complaint

@@ -129,3 +129,21 @@ def test_the_cli_splits_and_joins(tmp_path: Path, bundle: Path) -> None:
     )  # fmt: skip
     assert joined.exit_code == 0, joined.stderr
     assert f"✓ bundle {tmp_path / 'j'} rebuilt and verified" in joined.stdout
+
+
+def test_a_bundle_that_does_not_verify_is_not_split(
+    tmp_path: Path, key: Ed25519PrivateKey, bundle: Path
+) -> None:
+    blob = next((bundle / BLOBS).iterdir())
+    blob.write_bytes(blob.read_bytes() + b"!")
+    with pytest.raises(BundleError, match="does not verify, so it is not split"):
+        split(bundle, tmp_path / "vols", 1 << 20, key)
+    assert not (tmp_path / "vols").exists()
+
+
+def test_more_volumes_than_the_names_allow_is_refused_up_front(
+    tmp_path: Path, key: Ed25519PrivateKey, bundle: Path
+) -> None:
+    with pytest.raises(BundleError, match="more than 999 volumes"):
+        split(bundle, tmp_path / "vols", 2048, key)
+    assert not list(tmp_path.glob("*vols*"))

@@ -150,3 +150,18 @@ def test_both_simple_api_forms_are_read() -> None:
     assert sdist.sha256 is None  # only sha256 is trusted
     with pytest.raises(MirrorError, match="not a PEP 691 project page"):
         _json_files({"name": "demo"}, "http://127.0.0.1:1/simple/demo/")
+
+
+def test_a_legacy_manylinux_name_is_refused_with_the_glibc_it_stands_for() -> None:
+    with pytest.raises(MirrorError, match="manylinux_2_17_x86_64"):
+        Target.parse("3.11", "manylinux2014_x86_64")
+
+
+def test_a_file_with_an_unreadable_requires_python_is_skipped_as_pip_does() -> None:
+    pin = Pin(canonicalize_name("demo"), Version("1.0"), frozenset({HASH_A}), None, "r.txt:1")
+    files = [
+        _file("demo-1.0-cp311-cp311-manylinux_2_17_x86_64.whl", requires=">=3.6.*"),
+        _file("demo-1.0-py3-none-any.whl"),
+    ]
+    chosen = choose(pin, files, Target.parse("3.11", "manylinux_2_36_x86_64"))
+    assert chosen.filename == "demo-1.0-py3-none-any.whl"
