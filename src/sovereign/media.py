@@ -36,6 +36,7 @@ from sovereign.bundle.layout import MANIFEST_FILE as BUNDLE_MANIFEST
 from sovereign.image.boot import BootError
 from sovereign.image.disk import LINUX_DATA_TYPE, MIB, SECTOR, DiskError, run
 from sovereign.image.node import BuiltImage, read_image
+from sovereign.tools import sha256_file
 
 BUNDLE_LABEL = "SOVEREIGN-BUNDLE"  # the ext4 label: 16 characters, ext4's limit
 BUNDLE_PARTITION = "sovereign-bundle"
@@ -219,7 +220,7 @@ def build_media(plan: MediaPlan) -> Media:
                 f"{partitions[: len(plan.table)]}"
             )
         temporary.chmod(0o644)
-        digest = _sha256(temporary)
+        digest = sha256_file(temporary)
         os.replace(temporary, out)
     except (DiskError, subprocess.CalledProcessError, OSError, MediaInputError) as error:
         temporary.unlink(missing_ok=True)
@@ -280,14 +281,6 @@ def _stable_uuid(bundle_digest: str, name: str) -> str:
 
 def _align(value: int, unit: int) -> int:
     return -(-value // unit) * unit
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        while chunk := stream.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # --- the target disk ----------------------------------------------------------------------

@@ -46,6 +46,7 @@ from sovereign.profile.model import BundleDebian, BundleModels, BundleSpec, Prof
 from sovereign.render import render_files
 from sovereign.render.artifacts import weights_path
 from sovereign.render.policy import bundle_dir
+from sovereign.tools import sha256_file
 
 PLAYBOOKS = ROLES.parent / "playbooks"
 DEBIAN_ARCH = {"amd64": "amd64", "arm64": "arm64"}
@@ -274,21 +275,13 @@ def _tree(kind: ArtifactKind, name: str, root: Path, only: Iterable[str] | None 
 def _local_group(
     kind: ArtifactKind, name: str, root: Path, files: list[Path], version: str | None = None
 ) -> Group:
-    digests = [(f.relative_to(root).as_posix(), _sha256(f)) for f in files]
+    digests = [(f.relative_to(root).as_posix(), sha256_file(f)) for f in files]
     listing = "".join(f"{digest}  {path}\n" for path, digest in digests).encode()
     version = version or hashlib.sha256(listing).hexdigest()[:12]
     return [
         (Artifact(kind, name, version, path, digest, f.stat().st_size, str(f), None), f)
         for (path, digest), f in zip(digests, files, strict=True)
     ]
-
-
-def _sha256(file: Path) -> str:
-    digest = hashlib.sha256()
-    with file.open("rb") as stream:
-        while chunk := stream.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _node_image(profile: Profile, directory: Path) -> Group:

@@ -84,6 +84,7 @@ from sovereign.mirror.oci import (
     parse_reference,
 )
 from sovereign.profile.model import Mirror
+from sovereign.tools import sha256_file
 
 STATE_DIR = ".sovereign"
 STATE_FILE = "import.json"
@@ -311,7 +312,7 @@ def _holds_bytes(path: Path, data: bytes) -> bool:
 
 def copy_blob(source: Path, dest: Path, digest: str) -> bool:
     """Copy a blob to `dest`, hashed on the way; False where `dest` held it already."""
-    if dest.is_file() and f"sha256:{_sha256_file(dest)}" == digest:
+    if dest.is_file() and f"sha256:{sha256_file(dest)}" == digest:
         return False
     hasher = hashlib.sha256()
     with _temporary_beside(dest) as stream, source.open("rb") as blob:
@@ -344,14 +345,6 @@ def _temporary_beside(path: Path, mode: int = 0o644) -> Iterator[BinaryIO]:
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        while chunk := stream.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def sha256sums(files: Iterable[tuple[str, str]]) -> str:

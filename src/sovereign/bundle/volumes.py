@@ -42,6 +42,7 @@ from sovereign.bundle.manifest import (
     verify,
     verify_bytes,
 )
+from sovereign.tools import sha256_file
 
 VOLUMES_FILE = "volumes.json"
 VOLUMES_SIGNATURE = "volumes.json.sig"
@@ -269,10 +270,4 @@ class _Concatenated(io.RawIOBase):
 
 
 def _hash(path: Path) -> tuple[str, int]:
-    digest = hashlib.sha256()
-    size = 0
-    with path.open("rb") as stream:
-        while chunk := stream.read(CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
-    return digest.hexdigest(), size
+    return sha256_file(path), path.stat().st_size

@@ -644,18 +644,12 @@ def _satisfy(
 
 
 def _downloads(chosen: Sequence[Package], out: Path) -> list[Download]:
-    by_path: dict[str, Package] = {}
-    for package in chosen:
-        held = by_path.setdefault(package.filename, package)
-        # Two archives (debian, debian-security) share a pool layout but not a pool.
-        if held.sha256 != package.sha256:
-            raise MirrorError(
-                f"{package.filename}: {held.url} and {package.url} differ (sha256 "
-                f"{held.sha256} and {package.sha256}); one pool path cannot hold both"
-            )
+    # An arch:all package chosen for two architectures is one file; `download_all` fetches
+    # it once, and refuses two archives (debian, debian-security) that put different files
+    # at one pool path.
     return [
         Download(url=p.url, dest=out / p.filename, sha256=p.sha256, size=p.size)
-        for p in by_path.values()
+        for p in chosen
     ]
 
 

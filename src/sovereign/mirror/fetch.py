@@ -8,7 +8,6 @@ interrupted run is resumed, not refetched.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 import time
@@ -31,6 +30,8 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 from urllib3.util.retry import Retry
+
+from sovereign.tools import sha256_file
 
 CHUNK = 1 << 20
 # Small reads keep what a dropped connection loses, and the progress bars, fine-grained.
@@ -110,14 +111,6 @@ class Summary:
             f"{what}: {self.fetched} fetched ({self.bytes / 1e6:.1f} MB, {rate:.1f} MB/s), "
             f"{self.reused} already present, {self.resumed} resumed, in {self.seconds:.1f} s"
         )
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        while chunk := stream.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def session(retries: int = 5, backoff: float = 0.5) -> requests.Session:

@@ -53,8 +53,8 @@ from sovereign.mirror.fetch import (
     Fetcher,
     MirrorError,
     json_of,
-    sha256_file,
 )
+from sovereign.tools import sha256_file
 
 MANIFEST = "model.json"
 FORMAT = "sovereign-model/1"

@@ -43,7 +43,8 @@ import requests
 from requests.auth import AuthBase
 
 from sovereign.mirror.artifact import Artifact
-from sovereign.mirror.fetch import Download, Fetcher, MirrorError, json_of, sha256_file
+from sovereign.mirror.fetch import Download, Fetcher, MirrorError, json_of
+from sovereign.tools import sha256_file
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
