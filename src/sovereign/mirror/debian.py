@@ -648,8 +648,7 @@ def _downloads(chosen: Sequence[Package], out: Path) -> list[Download]:
     # it once, and refuses two archives (debian, debian-security) that put different files
     # at one pool path.
     return [
-        Download(url=p.url, dest=out / p.filename, sha256=p.sha256, size=p.size)
-        for p in chosen
+        Download(url=p.url, dest=out / p.filename, sha256=p.sha256, size=p.size) for p in chosen
     ]
 
 
