@@ -71,7 +71,28 @@ def locate(path: Path, loc: Loc, message: str) -> ProfileError:
 
 
 def parse_profile(text: str, filename: str) -> Profile:
+    return _validate(_parse_yaml(text, filename), filename)
+
+
+def parse_embedded_profile(text: str, filename: str, at: Loc) -> Profile:
+    """The profile held at `at` inside a larger YAML file (a Pulumi stack's config);
+    issues point at lines of that file and name fields relative to the profile."""
     document = _parse_yaml(text, filename)
+    if not _exists(document.data, at):
+        raise ProfileError([_issue(filename, (0, 0), at, "missing: no profile here")])
+    data = document.data
+    for part in at:
+        data = data[part]
+    depth = len(at)
+    inner = _Document(
+        data=data,
+        values={loc[depth:]: pos for loc, pos in document.values.items() if loc[:depth] == at},
+        keys={loc[depth:]: pos for loc, pos in document.keys.items() if loc[:depth] == at},
+    )
+    return _validate(inner, filename)
+
+
+def _validate(document: _Document, filename: str) -> Profile:
     data = document.data
     if data is None:
         raise ProfileError(

@@ -6,7 +6,7 @@ validation, so a validated `Profile` is fully resolved. Cross-field rules live i
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, model_validator
 from pydantic_core import PydanticCustomError
@@ -497,6 +497,104 @@ class BundleSpec(StrictModel):
     models: BundleModels = Field(default_factory=BundleModels)
 
 
+# An image in the air-gap registry, pinned by digest: repository@sha256:<64 hex>.
+ImageDigest = Annotated[
+    str,
+    Field(
+        pattern=r"^[a-z0-9]+([._-][a-z0-9]+)*(/[a-z0-9]+([._-][a-z0-9]+)*)*@sha256:[0-9a-f]{64}$",
+        examples=["sovereign/gateway@sha256:" + "0" * 64],
+    ),
+]
+# A Kubernetes resource quantity with a binary suffix: 500Mi, 20Gi, 2Ti.
+Quantity = Annotated[str, Field(pattern=r"^[1-9][0-9]{0,5}(Mi|Gi|Ti)$", examples=["20Gi"])]
+# A five-field cron schedule, as a CronJob takes it.
+CronSchedule = Annotated[str, Field(pattern=r"^(\S+\s+){4}\S+$", examples=["15 2 * * *"])]
+
+
+class ClusterImages(StrictModel):
+    """Every image the datacenter stack runs, by digest, relative to the air-gap registry."""
+
+    gateway: ImageDigest
+    keycloak: ImageDigest
+    postgres: ImageDigest
+    opa: ImageDigest
+    spire_server: ImageDigest
+    spire_agent: ImageDigest
+    spire_controller_manager: ImageDigest
+    spiffe_csi_driver: ImageDigest
+    csi_node_driver_registrar: ImageDigest
+    qdrant: ImageDigest
+    vllm: ImageDigest
+    snapshot: ImageDigest = Field(description="a curl image the Qdrant snapshot job runs")
+
+
+class ClusterIngress(StrictModel):
+    host: HostName = Field(description="the gateway's public host name")
+    tls_secret: DnsLabel = Field(description="the kubernetes.io/tls Secret holding its certificate")
+    class_name: DnsLabel | None = Field(default=None, description="the IngressClass to use")
+    controller_namespace: DnsLabel = Field(
+        default="ingress-nginx",
+        description="the namespace of the ingress controller, the only source of outside traffic",
+    )
+    identity_tls_secret: DnsLabel = Field(
+        default="keycloak-tls",
+        description="the kubernetes.io/tls Secret for the issuer's host, served by Keycloak itself",
+    )
+
+
+class ClusterGateway(StrictModel):
+    replicas: int = Field(default=2, ge=2, le=64, description="the fewest gateway pods")
+    max_replicas: int = Field(default=8, ge=2, le=256, description="the HPA's ceiling")
+    cpu_utilization: int = Field(
+        default=70, ge=10, le=95, description="the CPU percentage the HPA scales at"
+    )
+    data_storage: Quantity = Field(
+        default="50Gi", description="the ReadWriteMany volume for audit logs and sealed memory"
+    )
+    data_storage_class: str | None = Field(
+        default=None, description="a ReadWriteMany storage class; the cluster's default if unset"
+    )
+
+
+class ClusterQdrant(StrictModel):
+    replicas: int = Field(default=1, ge=1, le=16)
+    storage: Quantity = "100Gi"
+    snapshot_schedule: CronSchedule = Field(
+        default="15 2 * * *", description="when the snapshot CronJob runs"
+    )
+
+
+class Cluster(StrictModel):
+    """The existing Kubernetes cluster a datacenter profile deploys onto with Pulumi."""
+
+    stack: DnsLabel = Field(default="datacenter", description="the Pulumi stack name")
+    registry: HostPort = Field(description="the air-gap OCI registry every image comes from")
+    images: ClusterImages
+    storage_class: DnsLabel = Field(description="the StorageClass of every ReadWriteOnce volume")
+    ingress: ClusterIngress
+    trust_domain: HostName = Field(description="the SPIFFE trust domain of the cluster")
+    api_server_cidrs: list[Cidr] = Field(
+        min_length=1, description="where the Kubernetes API server listens (SPIRE talks to it)"
+    )
+    node_cidrs: list[Cidr] = Field(
+        min_length=1, description="the nodes' addresses (SPIRE agents ask their kubelet)"
+    )
+    gpu_runtime: SandboxRuntime | None = Field(
+        default=None,
+        description="the RuntimeClass of GPU pods; sandbox.runtime if unset. runc only when "
+        "named here",
+    )
+    models_claim: DnsLabel = Field(
+        default="sovereign-models",
+        description="the ReadOnlyMany PersistentVolumeClaim in sovereign-runtime holding the "
+        "imported model bundle",
+    )
+    keycloak_database_storage: Quantity = "20Gi"
+    spire_storage: Quantity = "1Gi"
+    gateway: ClusterGateway = Field(default_factory=ClusterGateway)
+    qdrant: ClusterQdrant = Field(default_factory=ClusterQdrant)
+
+
 class Profile(StrictModel):
     """A SovereignStack node profile, resolved with the defaults of its kind."""
 
@@ -519,6 +617,9 @@ class Profile(StrictModel):
     federation: Federation
     bundle: BundleSpec | None = Field(
         default=None, description="what the air-gap bundle for this node holds, and from where"
+    )
+    cluster: Cluster | None = Field(
+        default=None, description="datacenter only: the Kubernetes cluster `pulumi up` targets"
     )
 
     @model_validator(mode="before")

@@ -55,6 +55,7 @@ def violations(profile: Profile) -> list[Violation]:
         _audit,
         _federation,
         _bundle,
+        _cluster,
     )
     return [violation for check in checks for violation in check(profile)]
 
@@ -242,7 +243,8 @@ def _serving(profile: Profile) -> Iterator[Violation]:
 
 def _keys(profile: Profile) -> Iterator[Violation]:
     required = [node.name for node in profile.nodes if node.tpm == "required"]
-    if required and profile.memory.key_source != "tpm":
+    # On a cluster the TPMs seal the nodes' disks; gateway pods take their key from a Secret.
+    if required and profile.memory.key_source != "tpm" and profile.cluster is None:
         yield Violation(
             ("memory", "key_source"),
             f"node {required[0]!r} requires a TPM, so the key source must be tpm, "
@@ -555,3 +557,34 @@ def _bundle(profile: Profile) -> Iterator[Violation]:
 
 _HF_ORIGIN = re.compile(r"hf:[\w.-]+/[\w.-]+@[0-9a-f]{40}")
 _FILE_ORIGIN = re.compile(r"file:/.+")
+
+
+def _cluster(profile: Profile) -> Iterator[Violation]:
+    cluster = profile.cluster
+    if cluster is None:
+        return
+    if profile.kind != "datacenter":
+        yield Violation(("cluster",), f"cluster is for kind datacenter, not {profile.kind}")
+        return
+    if cluster.gateway.max_replicas < cluster.gateway.replicas:
+        yield Violation(
+            ("cluster", "gateway", "max_replicas"),
+            f"max_replicas {cluster.gateway.max_replicas} is below replicas "
+            f"{cluster.gateway.replicas}",
+        )
+    registries = [
+        urlsplit(str(mirror.url)).netloc for mirror in profile.mirrors if mirror.kind == "oci"
+    ]
+    if cluster.registry not in registries:
+        named = ", ".join(registries) or "none"
+        yield Violation(
+            ("cluster", "registry"),
+            f"registry {cluster.registry} is not one of the profile's oci mirrors ({named}); "
+            "list it under mirrors with kind oci",
+        )
+    if profile.memory.key_source == "tpm":
+        yield Violation(
+            ("memory", "key_source"),
+            "a gateway pod cannot reach a node's TPM: use key_source passphrase (a Secret) "
+            "or file on a cluster",
+        )

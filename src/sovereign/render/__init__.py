@@ -35,7 +35,7 @@ class RenderError(Exception):
 
 def registry() -> dict[str, Renderer]:
     # Imported here so each renderer module can import this one without a cycle.
-    from sovereign.render import ansible, gateway, keycloak, policy, resolved, vllm
+    from sovereign.render import ansible, gateway, keycloak, policy, pulumi, resolved, vllm
 
     renderers = (
         resolved.RENDERER,
@@ -44,6 +44,7 @@ def registry() -> dict[str, Renderer]:
         keycloak.RENDERER,
         vllm.RENDERER,
         ansible.RENDERER,
+        pulumi.RENDERER,
     )
     return {renderer.name: renderer for renderer in renderers}
 
