@@ -26,7 +26,7 @@ def deploy(settings: config.StackSettings) -> None:
     runtime = Runtime("runtime", RuntimeArgs(settings), after)
     gateway = Gateway(
         "gateway",
-        GatewayArgs(settings),
+        GatewayArgs(settings, keycloak_ip=identity.service_ip),
         pulumi.ResourceOptions(
             depends_on=[platform, identity, policy, workload_identity, memory, runtime]
         ),

@@ -9,6 +9,7 @@ tests check these manifests with kubernetes-validate and the guardrails in polic
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
 from collections.abc import Callable, Mapping
@@ -18,8 +19,6 @@ from typing import Any
 
 import pulumi
 from ruamel.yaml import YAML
-
-from sovereign.render.resolved import dump_yaml
 
 PROJECT = "sovereign"
 PROJECT_DIR = Path(__file__).resolve().parent.parent
@@ -51,7 +50,9 @@ class _Recorder(pulumi.runtime.Mocks):
     def new_resource(
         self, args: pulumi.runtime.MockResourceArgs
     ) -> tuple[str | None, dict[str, Any]]:
-        self.resources.append(Synthesized(args.typ, args.name, bool(args.custom), dict(args.inputs)))
+        self.resources.append(
+            Synthesized(args.typ, args.name, bool(args.custom), dict(args.inputs))
+        )
         state = dict(args.inputs)
         if args.typ == "kubernetes:core/v1:Service":
             # The API server would allocate a ClusterIP; the stack reads it back.
@@ -74,6 +75,9 @@ def _plain(value: Any) -> Any:
         return {key: _plain(item) for key, item in value.items() if item is not None}
     if isinstance(value, list):
         return [_plain(item) for item in value]
+    if isinstance(value, float) and value.is_integer():
+        # The engine's wire format (protobuf Struct) carries every number as a double.
+        return int(value)
     return value
 
 
@@ -118,12 +122,23 @@ def manifest_name(manifest: Mapping[str, Any]) -> str:
     return f"{namespace}/{manifest['kind']}-{meta.get('name', '?')}.yaml"
 
 
+def _dump(manifest: Mapping[str, Any]) -> str:
+    yaml = YAML(typ="safe", pure=True)
+    yaml.default_flow_style = False
+    yaml.sort_base_mapping_type_on_output = False  # type: ignore[assignment]
+    # No folding: a folded quoted string can read back with a different space (Rego tabs).
+    yaml.width = 1 << 30
+    buffer = io.StringIO()
+    yaml.dump(dict(manifest), buffer)
+    return buffer.getvalue()
+
+
 def write_manifests(items: list[dict[str, Any]], out: Path) -> list[Path]:
     written = []
     for manifest in items:
         path = out / manifest_name(manifest)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(dump_yaml(manifest), encoding="utf-8")
+        path.write_text(_dump(manifest), encoding="utf-8")
         written.append(path)
     return written
 

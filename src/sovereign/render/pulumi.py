@@ -9,11 +9,13 @@ which `pulumi config set --secret` commands the stack still needs. A profile wit
 
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping
+
+from ruamel.yaml import YAML
 
 from sovereign.profile.model import Profile
 from sovereign.render import Renderer
-from sovereign.render.resolved import dump_yaml
 
 SECRET_KEYS = ("keycloakAdminPassword", "keycloakDatabasePassword", "memoryPassphrase")
 
@@ -25,7 +27,15 @@ def stack_config(profile: Profile) -> str:
         "# and render again rather than this file. Before `pulumi up`, set the secrets:\n"
         f"{secrets}\n"
     )
-    return header + dump_yaml({"config": {"sovereign:profile": profile.model_dump(mode="json")}})
+    yaml = YAML(typ="safe", pure=True)
+    yaml.default_flow_style = False
+    yaml.sort_base_mapping_type_on_output = False  # type: ignore[assignment]
+    # Lists indented under their key and no folded lines: what yamllint and people expect.
+    yaml.indent(mapping=2, sequence=4, offset=2)
+    yaml.width = 4096
+    buffer = io.StringIO()
+    yaml.dump({"config": {"sovereign:profile": profile.model_dump(mode="json")}}, buffer)
+    return header + buffer.getvalue()
 
 
 def render(profile: Profile) -> Mapping[str, bytes]:

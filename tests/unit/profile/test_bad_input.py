@@ -629,7 +629,88 @@ NODE_IMAGE = [
     ),
 ]
 
-ALL = SYNTAX_AND_SHAPE + FIELDS + RULES + NODE_IMAGE
+CLUSTER_IMAGES = "".join(
+    f"    {name}: repo/{name.replace('_', '-')}@sha256:{SHA}\n"
+    for name in [
+        "gateway",
+        "keycloak",
+        "postgres",
+        "opa",
+        "spire_server",
+        "spire_agent",
+        "spire_controller_manager",
+        "spiffe_csi_driver",
+        "csi_node_driver_registrar",
+        "qdrant",
+        "vllm",
+        "snapshot",
+    ]
+)
+
+
+def datacenter_cluster(cluster_extra: str = "", top: str = "") -> str:
+    """A datacenter profile with a valid cluster section, plus `cluster_extra` inside it."""
+    return (
+        "kind: datacenter\nname: t\n"
+        "mirrors:\n  - kind: oci\n    url: https://registry.internal:5000/\n"
+        "memory:\n  key_source: passphrase\n"
+        + top
+        + "cluster:\n  registry: registry.internal:5000\n  images:\n"
+        + CLUSTER_IMAGES
+        + "  storage_class: fast\n  ingress:\n    host: ai.internal\n    tls_secret: tls\n"
+        "  trust_domain: dc.internal\n  api_server_cidrs: [10.0.0.0/24]\n"
+        "  node_cidrs: [10.0.0.0/16]\n" + cluster_extra
+    )
+
+
+# Lines of datacenter_cluster(): cluster: is line 8, its registry 9, the images 11-22, and
+# cluster_extra starts at line 30.
+CLUSTER = [
+    Case(
+        "a-cluster-on-an-edge-node",
+        datacenter_cluster().replace("kind: datacenter", "kind: edge"),
+        9,
+        "cluster",
+        "cluster is for kind datacenter, not edge",
+    ),
+    Case(
+        "a-cluster-registry-that-is-no-mirror",
+        datacenter_cluster().replace("registry: registry.internal", "registry: other.internal"),
+        9,
+        "cluster.registry",
+        "is not one of the profile's oci mirrors (registry.internal:5000)",
+    ),
+    Case(
+        "an-image-by-tag",
+        datacenter_cluster().replace(f"repo/vllm@sha256:{SHA}", "repo/vllm:latest"),
+        21,
+        "cluster.images.vllm",
+        "should match pattern",
+    ),
+    Case(
+        "a-gateway-ceiling-below-its-floor",
+        datacenter_cluster("  gateway:\n    replicas: 4\n    max_replicas: 3\n"),
+        32,
+        "cluster.gateway.max_replicas",
+        "max_replicas 3 is below replicas 4",
+    ),
+    Case(
+        "a-tpm-key-for-gateway-pods",
+        datacenter_cluster().replace("key_source: passphrase", "key_source: tpm"),
+        7,
+        "memory.key_source",
+        "a gateway pod cannot reach a node's TPM",
+    ),
+    Case(
+        "a-snapshot-schedule-that-is-not-cron",
+        datacenter_cluster("  qdrant:\n    snapshot_schedule: nightly\n"),
+        31,
+        "cluster.qdrant.snapshot_schedule",
+        "should match pattern",
+    ),
+]
+
+ALL = SYNTAX_AND_SHAPE + FIELDS + RULES + NODE_IMAGE + CLUSTER
 
 
 @pytest.mark.parametrize("case", ALL, ids=lambda case: case.id)

@@ -21,7 +21,15 @@ EXAMPLES = sorted((ROOT / "profiles").glob("*.yaml"))
 
 
 def test_registry_holds_every_renderer() -> None:
-    assert set(registry()) == {"profile", "gateway", "policy", "keycloak", "vllm", "ansible"}
+    assert set(registry()) == {
+        "profile",
+        "gateway",
+        "policy",
+        "keycloak",
+        "vllm",
+        "ansible",
+        "pulumi",
+    }
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)

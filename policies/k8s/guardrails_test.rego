@@ -1,0 +1,565 @@
+package k8s.guardrails_test
+
+import data.k8s.guardrails
+
+registry := "registry.test:5000"
+
+image := concat("", [registry, "/sovereign/app@sha256:", digest])
+
+digest := "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
+
+resources := {"cpu": "100m", "memory": "64Mi"}
+
+container(name) := {
+	"name": name,
+	"image": image,
+	"resources": {"requests": resources, "limits": resources},
+	"securityContext": {
+		"runAsNonRoot": true,
+		"runAsUser": 65532,
+		"allowPrivilegeEscalation": false,
+		"readOnlyRootFilesystem": true,
+		"privileged": false,
+		"capabilities": {"drop": ["ALL"]},
+		"seccompProfile": {"type": "RuntimeDefault"},
+	},
+}
+
+pod_spec(containers) := {
+	"containers": containers,
+	"runtimeClassName": "gvisor",
+	"securityContext": {"runAsNonRoot": true, "runAsUser": 65532, "seccompProfile": {"type": "RuntimeDefault"}},
+}
+
+template(name, spec) := {"metadata": {"labels": {"app": name}}, "spec": spec}
+
+workload(kind, ns, name, spec) := {
+	"apiVersion": "apps/v1",
+	"kind": kind,
+	"metadata": {"name": name, "namespace": ns},
+	"spec": {"selector": {"matchLabels": {"app": name}}, "template": template(name, spec)},
+}
+
+deployment(spec) := workload("Deployment", "sovereign-app", "app", spec)
+
+namespace(name, level) := {
+	"apiVersion": "v1",
+	"kind": "Namespace",
+	"metadata": {"name": name, "labels": {"pod-security.kubernetes.io/enforce": level}},
+}
+
+network_policy(ns, name, spec) := {
+	"apiVersion": "networking.k8s.io/v1",
+	"kind": "NetworkPolicy",
+	"metadata": {"name": name, "namespace": ns},
+	"spec": spec,
+}
+
+default_deny(ns) := network_policy(ns, "default-deny", {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]})
+
+base_set := [namespace("sovereign-app", "restricted"), default_deny("sovereign-app")]
+
+good_set := array.concat(base_set, [deployment(pod_spec([container("app")]))])
+
+denials(items) := msgs if {
+	msgs := guardrails.deny with input as {"items": items} with data.k8s.guardrails.registry as registry
+}
+
+admission(obj) := msgs if {
+	msgs := guardrails.deny with input as {"request": {"object": obj}} with data.k8s.guardrails.registry as registry
+}
+
+ids(msgs) := {split(m, " ")[0] | some m in msgs}
+
+# The ids a good Deployment with one container patched (deep merge) or pod spec patched gets.
+container_ids(patch) := ids(denials(array.concat(base_set, [deployment(pod_spec([object.union(container("app"), patch)]))])))
+
+pod_ids(patch) := ids(denials(array.concat(base_set, [deployment(object.union(pod_spec([container("app")]), patch))])))
+
+spec_ids(spec) := ids(denials(array.concat(base_set, [deployment(spec)])))
+
+# --- the positive set -------------------------------------------------------------
+
+test_good_set_passes if {
+	count(denials(good_set)) == 0
+}
+
+test_good_objects_pass_as_admission_reviews if {
+	every obj in good_set {
+		count(admission(obj)) == 0
+	}
+}
+
+test_message_names_rule_and_object if {
+	msgs := denials(array.concat(base_set, [deployment(pod_spec([object.union(container("x"), {"securityContext": {"privileged": true}})]))]))
+	"K8S-001 privileged: Deployment sovereign-app/app container x is privileged" in msgs
+}
+
+# --- K8S-001 privileged -------------------------------------------------------------
+
+test_privileged_container_denied if {
+	container_ids({"securityContext": {"privileged": true}}) == {"K8S-001"}
+}
+
+test_privileged_init_container_denied if {
+	init := object.union(container("init"), {"securityContext": {"privileged": true}})
+	"K8S-001" in spec_ids(object.union(pod_spec([container("app")]), {"initContainers": [init]}))
+}
+
+test_privileged_ephemeral_container_denied if {
+	debug := object.union(container("debug"), {"securityContext": {"privileged": true}})
+	"K8S-001" in spec_ids(object.union(pod_spec([container("app")]), {"ephemeralContainers": [debug]}))
+}
+
+test_privileged_admission_review_denied if {
+	obj := deployment(pod_spec([object.union(container("app"), {"securityContext": {"privileged": true}})]))
+	ids(admission(obj)) == {"K8S-001"}
+}
+
+test_privileged_false_allowed if {
+	not "K8S-001" in container_ids({"securityContext": {"privileged": false}})
+}
+
+# Every pod-carrying kind is checked, not only Deployments.
+test_every_pod_kind_checked if {
+	bad := pod_spec([object.union(container("app"), {"securityContext": {"privileged": true}})])
+	pod := {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p", "namespace": "sovereign-app"}, "spec": bad}
+	job := {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "j", "namespace": "sovereign-app"}, "spec": {"template": template("j", bad)}}
+	cron := {
+		"apiVersion": "batch/v1",
+		"kind": "CronJob",
+		"metadata": {"name": "c", "namespace": "sovereign-app"},
+		"spec": {"schedule": "@daily", "jobTemplate": {"spec": {"template": template("c", bad)}}},
+	}
+	objects := [
+		pod,
+		job,
+		cron,
+		workload("StatefulSet", "sovereign-app", "s", bad),
+		workload("DaemonSet", "sovereign-app", "d", bad),
+		workload("ReplicaSet", "sovereign-app", "r", bad),
+	]
+	every obj in objects {
+		ids(admission(obj)) == {"K8S-001"}
+	}
+}
+
+test_namespace_from_admission_request if {
+	obj := json.remove(deployment(pod_spec([object.union(container("x"), {"securityContext": {"privileged": true}})])), ["metadata/namespace"])
+	msgs := guardrails.deny with input as {"request": {"namespace": "sovereign-app", "object": obj}}
+		with data.k8s.guardrails.registry as registry
+	msgs == {"K8S-001 privileged: Deployment sovereign-app/app container x is privileged"}
+}
+
+# --- K8S-002 run-as-non-root --------------------------------------------------------
+
+test_run_as_non_root_false_denied if {
+	container_ids({"securityContext": {"runAsNonRoot": false}}) == {"K8S-002"}
+}
+
+test_run_as_non_root_unset_denied if {
+	spec := json.remove(pod_spec([json.remove(container("app"), ["securityContext/runAsNonRoot"])]), ["securityContext/runAsNonRoot"])
+	spec_ids(spec) == {"K8S-002"}
+}
+
+test_run_as_non_root_from_pod_allowed if {
+	spec_ids(pod_spec([json.remove(container("app"), ["securityContext/runAsNonRoot"])])) == set()
+}
+
+test_container_overrides_pod_run_as_non_root if {
+	spec_ids(object.union(pod_spec([container("app")]), {"securityContext": {"runAsNonRoot": false, "runAsUser": 0}})) == set()
+}
+
+test_run_as_uid_zero_denied if {
+	container_ids({"securityContext": {"runAsUser": 0}}) == {"K8S-002"}
+}
+
+test_run_as_uid_zero_from_pod_denied if {
+	spec := object.union(pod_spec([json.remove(container("app"), ["securityContext/runAsUser"])]), {"securityContext": {"runAsUser": 0}})
+	spec_ids(spec) == {"K8S-002"}
+}
+
+# --- K8S-003 read-only-root-filesystem ----------------------------------------------
+
+test_writable_root_denied if {
+	container_ids({"securityContext": {"readOnlyRootFilesystem": false}}) == {"K8S-003"}
+}
+
+test_unset_read_only_root_denied if {
+	spec_ids(pod_spec([json.remove(container("app"), ["securityContext/readOnlyRootFilesystem"])])) == {"K8S-003"}
+}
+
+# --- K8S-004 privilege-escalation ---------------------------------------------------
+
+test_privilege_escalation_true_denied if {
+	container_ids({"securityContext": {"allowPrivilegeEscalation": true}}) == {"K8S-004"}
+}
+
+test_privilege_escalation_unset_denied if {
+	spec_ids(pod_spec([json.remove(container("app"), ["securityContext/allowPrivilegeEscalation"])])) == {"K8S-004"}
+}
+
+# --- K8S-005 capabilities -----------------------------------------------------------
+
+test_capabilities_not_dropped_denied if {
+	container_ids({"securityContext": {"capabilities": {"drop": ["NET_RAW"]}}}) == {"K8S-005"}
+}
+
+test_capabilities_added_denied if {
+	container_ids({"securityContext": {"capabilities": {"add": ["NET_ADMIN"]}}}) == {"K8S-005"}
+}
+
+test_no_security_context_denies_everything_it_must if {
+	spec := json.remove(pod_spec([json.remove(container("app"), ["securityContext"])]), ["securityContext"])
+	spec_ids(spec) == {"K8S-002", "K8S-003", "K8S-004", "K8S-005", "K8S-006"}
+}
+
+# --- K8S-006 seccomp ----------------------------------------------------------------
+
+test_seccomp_unset_denied if {
+	spec := json.remove(pod_spec([json.remove(container("app"), ["securityContext/seccompProfile"])]), ["securityContext/seccompProfile"])
+	spec_ids(spec) == {"K8S-006"}
+}
+
+test_seccomp_from_pod_allowed if {
+	spec_ids(pod_spec([json.remove(container("app"), ["securityContext/seccompProfile"])])) == set()
+}
+
+test_seccomp_unconfined_container_overrides_pod_denied if {
+	container_ids({"securityContext": {"seccompProfile": {"type": "Unconfined"}}}) == {"K8S-006"}
+}
+
+test_seccomp_localhost_allowed if {
+	container_ids({"securityContext": {"seccompProfile": {"type": "Localhost", "localhostProfile": "p.json"}}}) == set()
+}
+
+# --- K8S-007 resources --------------------------------------------------------------
+
+test_missing_limits_denied if {
+	msgs := denials(array.concat(base_set, [deployment(pod_spec([json.remove(container("app"), ["resources/limits"])]))]))
+	msgs == {
+		"K8S-007 resources: Deployment sovereign-app/app container app sets no limits.cpu",
+		"K8S-007 resources: Deployment sovereign-app/app container app sets no limits.memory",
+	}
+}
+
+test_missing_memory_request_denied if {
+	container_ids({"resources": {"requests": {"cpu": "1", "memory": null}}}) == {"K8S-007"}
+}
+
+test_init_container_without_resources_denied if {
+	init := json.remove(container("init"), ["resources"])
+	spec_ids(object.union(pod_spec([container("app")]), {"initContainers": [init]})) == {"K8S-007"}
+}
+
+# The API refuses resources on ephemeral containers, so they are not asked for.
+test_ephemeral_container_without_resources_allowed if {
+	debug := json.remove(container("debug"), ["resources"])
+	spec_ids(object.union(pod_spec([container("app")]), {"ephemeralContainers": [debug]})) == set()
+}
+
+# --- K8S-008 host-namespaces --------------------------------------------------------
+
+test_host_namespaces_denied if {
+	every key in ["hostPID", "hostIPC", "hostNetwork"] {
+		pod_ids({key: true}) == {"K8S-008"}
+	}
+}
+
+test_host_namespaces_false_allowed if {
+	pod_ids({"hostPID": false, "hostIPC": false, "hostNetwork": false}) == set()
+}
+
+# --- K8S-009 host-path --------------------------------------------------------------
+
+test_host_path_denied if {
+	pod_ids({"volumes": [{"name": "root", "hostPath": {"path": "/"}}]}) == {"K8S-009"}
+}
+
+test_empty_dir_allowed if {
+	pod_ids({"volumes": [{"name": "tmp", "emptyDir": {}}]}) == set()
+}
+
+# --- K8S-010 runtime-class ----------------------------------------------------------
+
+test_runtime_class_missing_denied if {
+	spec_ids(object.remove(pod_spec([container("app")]), ["runtimeClassName"])) == {"K8S-010"}
+}
+
+test_runtime_class_runc_denied if {
+	pod_ids({"runtimeClassName": "runc"}) == {"K8S-010"}
+}
+
+test_runtime_class_kata_allowed if {
+	pod_ids({"runtimeClassName": "kata"}) == set()
+}
+
+gpu_spec := object.remove(
+	pod_spec([object.union(container("vllm"), {"resources": {"limits": {"nvidia.com/gpu": "1"}, "requests": {"nvidia.com/gpu": "1"}}})]),
+	["runtimeClassName"],
+)
+
+test_gpu_pod_without_runtime_class_denied_by_default if {
+	spec_ids(gpu_spec) == {"K8S-010"}
+}
+
+test_gpu_pod_without_runtime_class_denied_when_runc_not_allowed if {
+	msgs := denials(array.concat(base_set, [deployment(gpu_spec)])) with data.k8s.guardrails.gpu_runc_allowed as false
+	ids(msgs) == {"K8S-010"}
+}
+
+test_gpu_pod_without_runtime_class_allowed_when_runc_allowed if {
+	msgs := denials(array.concat(base_set, [deployment(gpu_spec)])) with data.k8s.guardrails.gpu_runc_allowed as true
+	count(msgs) == 0
+}
+
+test_cpu_pod_without_runtime_class_denied_even_when_runc_allowed if {
+	spec := object.remove(pod_spec([container("app")]), ["runtimeClassName"])
+	msgs := denials(array.concat(base_set, [deployment(spec)])) with data.k8s.guardrails.gpu_runc_allowed as true
+	ids(msgs) == {"K8S-010"}
+}
+
+test_zero_gpu_request_does_not_unlock_runc if {
+	spec := object.remove(
+		pod_spec([object.union(container("app"), {"resources": {"limits": {"nvidia.com/gpu": "0"}}})]),
+		["runtimeClassName"],
+	)
+	msgs := denials(array.concat(base_set, [deployment(spec)])) with data.k8s.guardrails.gpu_runc_allowed as true
+	ids(msgs) == {"K8S-010"}
+}
+
+test_gpu_pod_still_cannot_name_another_runtime if {
+	spec := object.union(gpu_spec, {"runtimeClassName": "nvidia"})
+	msgs := denials(array.concat(base_set, [deployment(spec)])) with data.k8s.guardrails.gpu_runc_allowed as true
+	ids(msgs) == {"K8S-010"}
+}
+
+# --- K8S-011 image-digest / K8S-012 image-registry ----------------------------------
+
+test_tag_pinned_image_denied if {
+	container_ids({"image": concat("", [registry, "/sovereign/app:1.0"])}) == {"K8S-011"}
+}
+
+test_tag_and_short_digest_denied if {
+	container_ids({"image": concat("", [registry, "/sovereign/app@sha256:abc"])}) == {"K8S-011"}
+}
+
+test_missing_image_denied if {
+	spec_ids(pod_spec([object.remove(container("app"), ["image"])])) == {"K8S-011", "K8S-012"}
+}
+
+test_other_registry_denied if {
+	container_ids({"image": concat("", ["docker.io/sovereign/app@sha256:", digest])}) == {"K8S-012"}
+}
+
+test_registry_prefix_lookalike_denied if {
+	container_ids({"image": concat("", [registry, ".evil.example/app@sha256:", digest])}) == {"K8S-012"}
+}
+
+test_unset_registry_refuses_every_image if {
+	msgs := guardrails.deny with input as {"items": good_set}
+	ids(msgs) == {"K8S-012"}
+}
+
+test_init_container_image_checked if {
+	init := object.union(container("init"), {"image": "busybox:latest"})
+	spec_ids(object.union(pod_spec([container("app")]), {"initContainers": [init]})) == {"K8S-011", "K8S-012"}
+}
+
+# --- K8S-013 pod-security -----------------------------------------------------------
+
+test_namespace_without_pod_security_denied if {
+	ns := json.remove(namespace("sovereign-app", "restricted"), ["metadata/labels"])
+	ids(denials([ns, default_deny("sovereign-app")])) == {"K8S-013"}
+}
+
+test_namespace_baseline_denied if {
+	ids(admission(namespace("sovereign-app", "baseline"))) == {"K8S-013"}
+}
+
+test_namespace_privileged_denied if {
+	ids(admission(namespace("sovereign-app", "privileged"))) == {"K8S-013"}
+}
+
+test_spire_node_namespace_may_be_privileged if {
+	count(admission(namespace("sovereign-spire-node", "privileged"))) == 0
+}
+
+test_spire_node_namespace_may_not_be_baseline if {
+	ids(admission(namespace("sovereign-spire-node", "baseline"))) == {"K8S-013"}
+}
+
+test_other_namespaces_not_checked if {
+	count(denials([json.remove(namespace("ingress-nginx", "privileged"), ["metadata/labels"])])) == 0
+}
+
+# --- K8S-014 default-deny-ingress / K8S-015 default-deny-egress ---------------------
+
+test_namespace_without_policies_denied_both_ways if {
+	msgs := denials([namespace("sovereign-app", "restricted")])
+	msgs == {
+		"K8S-014 default-deny-ingress: Namespace sovereign-app has no NetworkPolicy selecting every pod with policyTypes Ingress and no ingress rules",
+		"K8S-015 default-deny-egress: Namespace sovereign-app has no NetworkPolicy selecting every pod with policyTypes Egress and no egress rules",
+	}
+}
+
+test_ingress_only_default_deny_misses_egress if {
+	only_ingress := network_policy("sovereign-app", "deny-ingress", {"podSelector": {}, "policyTypes": ["Ingress"]})
+	ids(denials([namespace("sovereign-app", "restricted"), only_ingress])) == {"K8S-015"}
+}
+
+test_egress_only_default_deny_misses_ingress if {
+	only_egress := network_policy("sovereign-app", "deny-egress", {"podSelector": {}, "policyTypes": ["Egress"]})
+	ids(denials([namespace("sovereign-app", "restricted"), only_egress])) == {"K8S-014"}
+}
+
+test_separate_default_deny_policies_allowed if {
+	items := [
+		namespace("sovereign-app", "restricted"),
+		network_policy("sovereign-app", "deny-ingress", {"podSelector": {}, "policyTypes": ["Ingress"]}),
+		network_policy("sovereign-app", "deny-egress", {"podSelector": {}, "policyTypes": ["Egress"], "egress": []}),
+	]
+	count(denials(items)) == 0
+}
+
+test_default_deny_with_allow_all_egress_rule_denied if {
+	allow_all := network_policy("sovereign-app", "default-deny", {"podSelector": {}, "policyTypes": ["Ingress", "Egress"], "egress": [{}]})
+	ids(denials([namespace("sovereign-app", "restricted"), allow_all])) == {"K8S-015"}
+}
+
+test_default_deny_selecting_some_pods_denied if {
+	some_pods := network_policy("sovereign-app", "default-deny", {"podSelector": {"matchLabels": {"app": "x"}}, "policyTypes": ["Ingress", "Egress"]})
+	ids(denials([namespace("sovereign-app", "restricted"), some_pods])) == {"K8S-014", "K8S-015"}
+}
+
+test_default_deny_in_another_namespace_does_not_count if {
+	ids(denials([namespace("sovereign-app", "restricted"), default_deny("sovereign-other")])) == {"K8S-014", "K8S-015"}
+}
+
+test_policy_types_default_not_assumed if {
+	implicit := network_policy("sovereign-app", "default-deny", {"podSelector": {}})
+	ids(denials([namespace("sovereign-app", "restricted"), implicit])) == {"K8S-014", "K8S-015"}
+}
+
+# A lone Namespace at admission cannot show its policies; only the whole set is checked.
+test_default_deny_not_checked_on_admission if {
+	count(admission(namespace("sovereign-app", "restricted"))) == 0
+}
+
+# --- exemptions ---------------------------------------------------------------------
+
+root_container(name) := object.union(container(name), {"securityContext": {"runAsNonRoot": false, "runAsUser": 0}})
+
+root_pod(containers, volumes) := object.remove(
+	object.union(pod_spec(containers), {"securityContext": {"runAsNonRoot": false, "runAsUser": 0}, "volumes": volumes}),
+	["runtimeClassName"],
+)
+
+host_volumes := [{"name": "kubelet", "hostPath": {"path": "/var/lib/kubelet"}}]
+
+spire_agent_spec := object.union(root_pod([root_container("spire-agent")], host_volumes), {"hostPID": true})
+
+# As base.container_security(privileged=True) builds it: the API refuses
+# allowPrivilegeEscalation false beside privileged, and capabilities mean nothing there.
+csi_container := json.remove(
+	object.union(root_container("spiffe-csi-driver"), {"securityContext": {"privileged": true}}),
+	["securityContext/allowPrivilegeEscalation", "securityContext/capabilities"],
+)
+
+csi_driver_spec := root_pod(
+	[
+		csi_container,
+		root_container("node-driver-registrar"),
+	],
+	host_volumes,
+)
+
+spire_node_set := [
+	namespace("sovereign-spire-node", "privileged"),
+	default_deny("sovereign-spire-node"),
+	workload("DaemonSet", "sovereign-spire-node", "spire-agent", spire_agent_spec),
+	workload("DaemonSet", "sovereign-spire-node", "spiffe-csi-driver", csi_driver_spec),
+]
+
+test_exempt_node_agents_pass if {
+	count(denials(spire_node_set)) == 0
+}
+
+test_spire_agent_in_another_namespace_denied if {
+	ids(denials(array.concat(base_set, [workload("DaemonSet", "sovereign-app", "spire-agent", spire_agent_spec)]))) == {
+		"K8S-002", "K8S-008", "K8S-009", "K8S-010",
+	}
+}
+
+test_other_daemonset_in_spire_node_namespace_denied if {
+	ids(admission(workload("DaemonSet", "sovereign-spire-node", "spire-agent-2", spire_agent_spec))) == {
+		"K8S-002", "K8S-008", "K8S-009", "K8S-010",
+	}
+}
+
+test_other_daemonset_with_only_host_pid_denied if {
+	spec := object.union(pod_spec([container("x")]), {"hostPID": true})
+	ids(admission(workload("DaemonSet", "sovereign-spire-node", "other", spec))) == {"K8S-008"}
+}
+
+test_spire_agent_as_deployment_denied if {
+	ids(admission(workload("Deployment", "sovereign-spire-node", "spire-agent", spire_agent_spec))) == {
+		"K8S-002", "K8S-008", "K8S-009", "K8S-010",
+	}
+}
+
+test_spire_agent_may_not_be_privileged if {
+	spec := object.union(spire_agent_spec, {"containers": [object.union(root_container("spire-agent"), {"securityContext": {"privileged": true}})]})
+	ids(admission(workload("DaemonSet", "sovereign-spire-node", "spire-agent", spec))) == {"K8S-001"}
+}
+
+test_spire_agent_may_not_use_host_network if {
+	spec := object.union(spire_agent_spec, {"hostNetwork": true})
+	ids(admission(workload("DaemonSet", "sovereign-spire-node", "spire-agent", spec))) == {"K8S-008"}
+}
+
+test_csi_driver_may_not_use_host_pid if {
+	spec := object.union(csi_driver_spec, {"hostPID": true})
+	ids(admission(workload("DaemonSet", "sovereign-spire-node", "spiffe-csi-driver", spec))) == {"K8S-008"}
+}
+
+test_only_the_csi_container_may_be_privileged if {
+	registrar := object.union(root_container("node-driver-registrar"), {"securityContext": {"privileged": true}})
+	spec := object.union(csi_driver_spec, {"containers": [csi_driver_spec.containers[0], registrar]})
+	msgs := admission(workload("DaemonSet", "sovereign-spire-node", "spiffe-csi-driver", spec))
+	msgs == {"K8S-001 privileged: DaemonSet sovereign-spire-node/spiffe-csi-driver container node-driver-registrar is privileged"}
+}
+
+test_csi_privilege_not_for_init_containers if {
+	init := object.union(csi_driver_spec.containers[0], {"securityContext": {"allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"]}}})
+	spec := object.union(csi_driver_spec, {"initContainers": [init]})
+	ids(admission(workload("DaemonSet", "sovereign-spire-node", "spiffe-csi-driver", spec))) == {"K8S-001"}
+}
+
+test_exemption_never_covers_resources_root_fs_seccomp_or_images if {
+	bad := json.remove(
+		object.union(spire_agent_spec.containers[0], {
+			"image": "docker.io/spiffe/spire-agent:1.9",
+			"securityContext": {"readOnlyRootFilesystem": false, "seccompProfile": {"type": "Unconfined"}},
+		}),
+		["resources"],
+	)
+	spec := object.union(spire_agent_spec, {"containers": [bad]})
+	ids(admission(workload("DaemonSet", "sovereign-spire-node", "spire-agent", spec))) == {
+		"K8S-003", "K8S-006", "K8S-007", "K8S-011", "K8S-012",
+	}
+}
+
+test_exemption_does_not_allow_another_runtime_class if {
+	spec := object.union(spire_agent_spec, {"runtimeClassName": "runc"})
+	ids(admission(workload("DaemonSet", "sovereign-spire-node", "spire-agent", spec))) == {"K8S-010"}
+}
+
+test_exemptions_are_exactly_the_two_node_agents if {
+	{[e.kind, e.namespace, e.name] | some e in guardrails.exemptions} == {
+		["DaemonSet", "sovereign-spire-node", "spire-agent"],
+		["DaemonSet", "sovereign-spire-node", "spiffe-csi-driver"],
+	}
+	count(guardrails.exemptions) == 2
+	guardrails.privileged_namespaces == {"sovereign-spire-node"}
+}

@@ -1,0 +1,166 @@
+"""The stack config is checked whole before any resource exists; bad config names the
+key, the stack file and the line, and the program registers nothing."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sovereign.profile.loader import load_profile
+from sovereign.render.pulumi import render as render_stack_config
+from stacks import config as stack_config
+from stacks.synth import PROJECT_DIR, Synthesized
+from tests.stacks.harness import STACK_FILE, datacenter_config, synth
+
+
+def _profile(flat: dict[str, str]) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(flat["sovereign:profile"])
+    return data
+
+
+def _with_profile(profile: dict[str, Any]) -> dict[str, str]:
+    return datacenter_config(**{"sovereign:profile": json.dumps(profile)})
+
+
+def _registered(flat: dict[str, str], project_dir: Path = PROJECT_DIR) -> list[Synthesized]:
+    def build(settings: stack_config.StackSettings) -> None:
+        import pulumi_kubernetes as k8s
+
+        k8s.core.v1.Namespace("marker", metadata={"name": "marker"})
+
+    return synth(build, flat, project_dir)
+
+
+def test_the_committed_stack_file_is_the_render_of_the_datacenter_profile() -> None:
+    rendered = render_stack_config(load_profile(PROJECT_DIR / "profiles" / "datacenter.yaml"))
+    assert rendered == {"Pulumi.datacenter.yaml": STACK_FILE.read_bytes()}
+
+
+def test_profiles_without_a_cluster_render_no_stack_config() -> None:
+    for name in ("personal", "edge", "air-gapped"):
+        assert render_stack_config(load_profile(PROJECT_DIR / "profiles" / f"{name}.yaml")) == {}
+
+
+def test_a_valid_config_loads_with_its_secrets() -> None:
+    seen: dict[str, stack_config.StackSettings] = {}
+    synth(lambda settings: seen.setdefault("settings", settings))
+    settings = seen["settings"]
+    assert settings.profile.name == "sovereign-dc1"
+    assert settings.cluster.registry == "registry.dc1.internal:5000"
+    assert set(settings.secrets) == {secret.key for secret in stack_config.SECRETS}
+    assert settings.protect is True
+    assert settings.image("vllm").startswith("registry.dc1.internal:5000/vllm/vllm-openai@sha256:")
+
+
+def test_protect_can_be_turned_off_for_teardown() -> None:
+    seen: dict[str, stack_config.StackSettings] = {}
+    flat = datacenter_config(**{"sovereign:protect": "false"})
+    synth(lambda settings: seen.setdefault("settings", settings), flat)
+    assert seen["settings"].protect is False
+
+
+def test_a_missing_profile_is_refused_naming_the_key_and_the_render_command() -> None:
+    flat = datacenter_config()
+    del flat["sovereign:profile"]
+    with pytest.raises(stack_config.ConfigError) as error:
+        _registered(flat)
+    assert "sovereign:profile is not set" in str(error.value)
+    assert "sovereign render" in str(error.value)
+
+
+def test_a_profile_that_is_not_a_mapping_is_refused() -> None:
+    with pytest.raises(stack_config.ConfigError, match="must be a mapping"):
+        _registered(datacenter_config(**{"sovereign:profile": json.dumps(["x"])}))
+
+
+def test_missing_secrets_are_named_with_the_command_that_sets_them() -> None:
+    flat = datacenter_config()
+    del flat["sovereign:memoryPassphrase"]
+    del flat["sovereign:keycloakAdminPassword"]
+    with pytest.raises(stack_config.ConfigError) as error:
+        _registered(flat)
+    message = str(error.value)
+    assert "sovereign:keycloakAdminPassword" in message
+    assert "sovereign:memoryPassphrase" in message
+    assert "pulumi config set --secret sovereign:memoryPassphrase" in message
+    assert "keycloakDatabasePassword" not in message
+
+
+def test_a_bad_field_names_the_stack_file_line_and_field(tmp_path: Path) -> None:
+    """The error points into Pulumi.<stack>.yaml when that file holds the profile."""
+    text = STACK_FILE.read_text()
+    bad = text.replace("storage_class: local-nvme", "storage_class: Local_NVMe")
+    (tmp_path / STACK_FILE.name).write_text(bad)
+    profile = _profile(datacenter_config())
+    profile["cluster"]["storage_class"] = "Local_NVMe"
+    with pytest.raises(stack_config.ConfigError) as error:
+        _registered(_with_profile(profile), tmp_path)
+    line = next(n for n, row in enumerate(bad.splitlines(), 1) if "Local_NVMe" in row)
+    assert f"{tmp_path / STACK_FILE.name}:{line}:" in str(error.value)
+    assert "sovereign:profile.cluster.storage_class" in str(error.value)
+
+
+def test_a_bad_field_set_only_in_the_engine_config_still_names_the_field(tmp_path: Path) -> None:
+    shutil.copy(STACK_FILE, tmp_path / STACK_FILE.name)
+    profile = _profile(datacenter_config())
+    profile["cluster"]["images"]["gateway"] = "sovereign/gateway:latest"
+    with pytest.raises(stack_config.ConfigError) as error:
+        _registered(_with_profile(profile), tmp_path)
+    message = str(error.value)
+    assert "<config sovereign:profile>" in message
+    assert "sovereign:profile.cluster.images.gateway" in message
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (lambda p: p.update(kind="edge"), "cluster is for kind datacenter"),
+        (
+            lambda p: (p.pop("cluster"), p["memory"].update(key_source="tpm")),
+            "cluster: missing; the stack needs the cluster section",
+        ),
+        (
+            lambda p: p["cluster"].update(registry="other.internal:5000"),
+            "is not one of the profile's oci mirrors",
+        ),
+        (
+            lambda p: p["cluster"]["gateway"].update(max_replicas=2),
+            "max_replicas 2 is below replicas 3",
+        ),
+        (lambda p: p["memory"].update(key_source="tpm"), "cannot reach a node's TPM"),
+        (
+            lambda p: p["memory"].update(qdrant_url="http://qdrant.elsewhere:6333"),
+            "is not the Memory component's Qdrant Service",
+        ),
+        (
+            lambda p: p["policy"].update(opa_url="http://opa.example:8181"),
+            "is not the Policy component's OPA Service",
+        ),
+        (lambda p: p["policy"].update(engine="embedded"), "the stack runs OPA; use remote"),
+    ],
+)
+def test_profiles_the_stack_cannot_deploy_are_refused_before_any_resource(
+    change: Any, expected: str
+) -> None:
+    profile = _profile(datacenter_config())
+    change(profile)
+    with pytest.raises(stack_config.ConfigError, match=expected):
+        _registered(_with_profile(profile))
+
+
+def test_nothing_is_registered_when_the_config_is_bad() -> None:
+    """The harness raises before `build`; the marker namespace proves build never ran."""
+    profile = _profile(datacenter_config())
+    profile["cluster"]["ingress"]["host"] = "not a host"
+    created: list[str] = []
+
+    def build(settings: stack_config.StackSettings) -> None:
+        created.append("ran")
+
+    with pytest.raises(stack_config.ConfigError):
+        synth(build, _with_profile(profile))
+    assert created == []
