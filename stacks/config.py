@@ -9,22 +9,25 @@ error names the field and the line of the stack file. Secrets come from
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlsplit
 
 import pulumi
 from ruamel.yaml import YAML
 
-from sovereign.profile.loader import ProfileError, parse_embedded_profile
+from sovereign.profile.derived import BUNDLE_ROOT
+from sovereign.profile.loader import ProfileError, locate_embedded, parse_embedded_profile
 from sovereign.profile.model import Cluster, Profile
+from sovereign.profile.rules import Loc
 from sovereign.render.pulumi import SECRET_KEYS
 from sovereign.render.resolved import dump_yaml
 
 NAMESPACE = "sovereign"
 PROFILE_KEY = "profile"
+PROFILE_AT = ("config", f"{NAMESPACE}:{PROFILE_KEY}")
 
 # Where each component runs. The profile's service URLs must point here.
 IDENTITY_NAMESPACE = "sovereign-identity"
@@ -84,20 +87,31 @@ class StackSettings:
         """The RuntimeClass a pod runs under; None means the node's default (runc)."""
         runtime = self.cluster.gpu_runtime if gpu and self.cluster.gpu_runtime else None
         chosen = runtime or self.profile.sandbox.runtime
-        return None if chosen == "runc" else chosen
+        if chosen == "runc":
+            return None
+        if gpu and self.cluster.gpu_runtime_class is not None:
+            return self.cluster.gpu_runtime_class
+        return chosen
 
 
 def stack_file(project_dir: Path, stack: str) -> Path:
     return project_dir / f"Pulumi.{stack}.yaml"
 
 
-def load(
-    config: pulumi.Config, stack: str, project_dir: Path, *, protect: bool | None = None
-) -> StackSettings:
-    """Read and check the whole config; raises ConfigError on the first file it cannot use."""
+def load(config: pulumi.Config, stack: str, project_dir: Path) -> StackSettings:
+    """Read and check the whole config; raises ConfigError naming every problem found."""
     raw = _profile_object(config.get_object(PROFILE_KEY), stack)
-    profile = _parse(raw, stack_file(project_dir, stack))
-    cluster = _cluster_of(profile, stack_file(project_dir, stack))
+    text, filename = _source(raw, stack_file(project_dir, stack))
+    try:
+        profile = parse_embedded_profile(text, filename, PROFILE_AT)
+        problems = deployment_problems(profile)
+        if problems:
+            raise locate_embedded(text, filename, PROFILE_AT, problems)
+    except ProfileError as error:
+        raise ConfigError(_prefixed(error)) from None
+    cluster = profile.cluster
+    if cluster is None:  # deployment_problems reported it; this narrows the type
+        raise ConfigError("sovereign:profile.cluster: missing")
     secrets: dict[str, pulumi.Output[str]] = {}
     missing: list[str] = []
     for secret in SECRETS:
@@ -112,11 +126,11 @@ def load(
             f"stack {stack}: secret config {', '.join(f'{NAMESPACE}:{k}' for k in missing)} "
             f"not set; run: {commands}"
         )
-    chosen = config.get_bool("protect")
+    protect = config.get_bool("protect")
     return StackSettings(
         profile=profile,
         cluster=cluster,
-        protect=(True if chosen is None else chosen) if protect is None else protect,
+        protect=True if protect is None else protect,
         secrets=secrets,
     )
 
@@ -125,8 +139,7 @@ def _profile_object(value: Any, stack: str) -> dict[str, Any]:
     if value is None:
         raise ConfigError(
             f"stack {stack}: config {NAMESPACE}:{PROFILE_KEY} is not set; write it with "
-            f"`sovereign render PROFILE --only pulumi --out DIR` and copy "
-            f"DIR/Pulumi.{stack}.yaml next to Pulumi.yaml"
+            f"`sovereign stack config PROFILE` (see docs/datacenter.md)"
         )
     if not isinstance(value, dict):
         raise ConfigError(
@@ -136,21 +149,16 @@ def _profile_object(value: Any, stack: str) -> dict[str, Any]:
     return value
 
 
-def _parse(raw: dict[str, Any], path: Path) -> Profile:
-    """Validate with the stack file's lines when the file holds this very profile."""
-    at = ("config", f"{NAMESPACE}:{PROFILE_KEY}")
-    text, filename = (
-        dump_yaml({"config": {f"{NAMESPACE}:{PROFILE_KEY}": raw}}),
-        (f"<config {NAMESPACE}:{PROFILE_KEY}>"),
-    )
+def _source(raw: dict[str, Any], path: Path) -> tuple[str, str]:
+    """The stack file when it holds this very profile (its lines are the user's);
+    otherwise the config value alone, as YAML."""
     if path.is_file():
         on_disk = path.read_text(encoding="utf-8")
-        if _subtree(on_disk, at) == raw:
-            text, filename = on_disk, str(path)
-    try:
-        return parse_embedded_profile(text, filename, at)
-    except ProfileError as error:
-        raise ConfigError(_prefixed(error)) from None
+        if _subtree(on_disk, PROFILE_AT) == raw:
+            return on_disk, str(path)
+    return dump_yaml({"config": {f"{NAMESPACE}:{PROFILE_KEY}": raw}}), (
+        f"<config {NAMESPACE}:{PROFILE_KEY}>"
+    )
 
 
 def _subtree(text: str, at: tuple[str, ...]) -> Any:
@@ -158,7 +166,7 @@ def _subtree(text: str, at: tuple[str, ...]) -> Any:
         data: Any = YAML(typ="safe", pure=True).load(text)
         for part in at:
             data = data[part]
-    except Exception:
+    except Exception:  # a file we cannot read simply is not the source
         return None
     return data
 
@@ -171,31 +179,96 @@ def _prefixed(error: ProfileError) -> str:
     )
 
 
-def _cluster_of(profile: Profile, path: Path) -> Cluster:
-    where = f"{path.name}: {NAMESPACE}:{PROFILE_KEY}"
+# Directories the gateway image needs as they are: a volume mounted over one would hide it.
+SYSTEM_DIRS = ("/", "/bin", "/etc", "/lib", "/opt", "/run", "/sbin", "/tmp", "/usr", "/var")  # noqa: S108
+
+
+def deployment_problems(profile: Profile) -> list[tuple[Loc, str]]:
+    """What keeps a valid datacenter profile from deploying with this stack, field by field."""
     if profile.kind != "datacenter":
-        raise ConfigError(f"{where}.kind: the stack deploys kind datacenter, not {profile.kind}")
+        return [(("kind",), f"the stack deploys kind datacenter, not {profile.kind}")]
     if profile.cluster is None:
-        raise ConfigError(f"{where}.cluster: missing; the stack needs the cluster section")
-    expected: list[tuple[str, str | None, Callable[[], str], str]] = [
+        return [((), "no cluster section; the stack needs one (see docs/datacenter.md)")]
+    problems: list[tuple[Loc, str]] = []
+    services = (
         (
-            "memory.qdrant_url",
-            None if profile.memory.qdrant_url is None else str(profile.memory.qdrant_url),
-            lambda: f"{QDRANT_SERVICE}.{MEMORY_NAMESPACE}.svc.cluster.local:{QDRANT_PORT}",
+            ("memory", "qdrant_url"),
+            profile.memory.qdrant_url,
+            f"{QDRANT_SERVICE}.{MEMORY_NAMESPACE}.svc.cluster.local:{QDRANT_PORT}",
             "the Memory component's Qdrant Service",
         ),
         (
-            "policy.opa_url",
-            str(profile.policy.opa_url),
-            lambda: f"{OPA_SERVICE}.{POLICY_NAMESPACE}.svc.cluster.local:{OPA_PORT}",
+            ("policy", "opa_url"),
+            profile.policy.opa_url,
+            f"{OPA_SERVICE}.{POLICY_NAMESPACE}.svc.cluster.local:{OPA_PORT}",
             "the Policy component's OPA Service",
         ),
-    ]
-    for field, url, target, what in expected:
-        if url is None or urlsplit(url).netloc != target():
-            raise ConfigError(f"{where}.{field}: {url} is not {what}; use http://{target()}")
+    )
+    for loc, url, target, what in services:
+        parts = urlsplit(str(url))
+        if url is None or parts.scheme != "http" or parts.netloc != target:
+            problems.append((loc, f"{url} is not {what}; use http://{target}"))
     if profile.memory.vector_store != "qdrant":
-        raise ConfigError(f"{where}.memory.vector_store: the stack runs qdrant")
+        problems.append((("memory", "vector_store"), "the stack runs qdrant"))
     if profile.policy.engine != "remote":
-        raise ConfigError(f"{where}.policy.engine: the stack runs OPA; use remote")
-    return profile.cluster
+        problems.append((("policy", "engine"), "the stack runs OPA servers; use remote"))
+    issuer = urlsplit(str(profile.identity.issuer))
+    realm_path = f"/realms/{profile.identity.realm}"
+    # Keycloak serves realms at the root; a prefix would need an ingress rewrite this
+    # stack does not set up, and tokens would name another issuer.
+    if issuer.scheme != "https" or issuer.path.rstrip("/") != realm_path:
+        problems.append(
+            (
+                ("identity", "issuer"),
+                f"{profile.identity.issuer} is not https://HOST{realm_path}, which the "
+                "cluster's Keycloak serves",
+            )
+        )
+    problems += _gateway_mounts(profile)
+    return problems
+
+
+def _gateway_mounts(profile: Profile) -> list[tuple[Loc, str]]:
+    """The gateway pod mounts one volume per directory; they must not collide or hide
+    the image's own directories."""
+    directories: list[tuple[Loc, PurePosixPath]] = [
+        (("cluster", "gateway", "models_claim"), PurePosixPath(BUNDLE_ROOT)),
+        (("audit", "path"), PurePosixPath(profile.audit.path)),
+        (("memory", "data_dir"), PurePosixPath(profile.memory.data_dir)),
+        (("audit", "signing_key"), PurePosixPath(profile.audit.signing_key).parent),
+        (("policy", "lock", "manifest"), PurePosixPath(profile.policy.lock.manifest).parent),
+        (("policy", "lock", "public_key"), PurePosixPath(profile.policy.lock.public_key).parent),
+    ]
+    problems: list[tuple[Loc, str]] = []
+    seen: dict[PurePosixPath, Loc] = {}
+    for loc, directory in directories:
+        field = ".".join(str(part) for part in loc)
+        if str(directory) in SYSTEM_DIRS:
+            problems.append(
+                (
+                    loc,
+                    f"{directory} would be mounted over the image's own directory; use a "
+                    "directory of its own, e.g. /etc/sovereign or /var/lib/sovereign/...",
+                )
+            )
+            continue
+        for other, other_loc in seen.items():
+            lock_pair = {loc[-1], other_loc[-1]} == {"manifest", "public_key"}
+            if lock_pair and directory == other:
+                continue  # the lock's two files share one ConfigMap mount
+            if (
+                directory == other
+                or directory.is_relative_to(other)
+                or other.is_relative_to(directory)
+            ):
+                other_field = ".".join(str(part) for part in other_loc)
+                problems.append(
+                    (
+                        loc,
+                        f"{field} ({directory}) overlaps {other_field} ({other}); the gateway "
+                        "mounts each from its own volume",
+                    )
+                )
+                break
+        seen.setdefault(directory, loc)
+    return problems

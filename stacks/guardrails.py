@@ -1,8 +1,9 @@
 """Run the Kubernetes guardrails in policies/k8s/ with the real OPA.
 
 The Rego there is what an admission controller enforces; here `opa eval` runs it on the
-manifests the program would create (`{"items": [...]}`, which the default-deny rules
-need) or on one AdmissionReview, so the tests check exactly what a cluster would refuse.
+manifests the program would create (`{"items": [...]}`, which the default-deny and
+declared-namespace rules need) or on one AdmissionReview, so the tests check exactly what
+a cluster would refuse.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from stacks.synth import PROJECT_DIR
 
 POLICY_DIR = PROJECT_DIR / "policies" / "k8s"
 QUERY = "data.k8s.guardrails.deny"
+# The policy's own default for data.k8s.guardrails.gpu_resource.
+DEFAULT_GPU_RESOURCE = "nvidia.com/gpu"
 # opa eval answers in well under a second; the limit only stops a hung process.
 _TIMEOUT_S = 120
 
@@ -35,6 +38,10 @@ class GuardrailData:
 
     registry: str
     gpu_runc_allowed: bool
+    # RuntimeClass names accepted besides gvisor and kata (an existing GPU class).
+    extra_runtime_classes: tuple[str, ...] = ()
+    # The extended resource that makes a pod a GPU pod, for gpu_runc_allowed.
+    gpu_resource: str = DEFAULT_GPU_RESOURCE
 
     def document(self) -> dict[str, Any]:
         return {
@@ -42,16 +49,24 @@ class GuardrailData:
                 "guardrails": {
                     "registry": self.registry,
                     "gpu_runc_allowed": self.gpu_runc_allowed,
+                    "extra_runtime_classes": list(self.extra_runtime_classes),
+                    "gpu_resource": self.gpu_resource,
                 }
             }
         }
 
 
 def guardrail_data(settings: StackSettings) -> GuardrailData:
-    """The parameters a stack's settings imply: its registry, and runc for GPUs if named."""
+    """The parameters a stack's settings imply: its registry, runc for GPUs if named, the
+    cluster's own GPU RuntimeClass if it names one, and the resource GPU pods request."""
+    cluster = settings.cluster
     return GuardrailData(
-        registry=settings.cluster.registry,
-        gpu_runc_allowed=settings.cluster.gpu_runtime == "runc",
+        registry=cluster.registry,
+        gpu_runc_allowed=cluster.gpu_runtime == "runc",
+        extra_runtime_classes=(
+            (cluster.gpu_runtime_class,) if cluster.gpu_runtime_class is not None else ()
+        ),
+        gpu_resource=cluster.gpu_resource,
     )
 
 
@@ -76,12 +91,14 @@ def evaluate(
     *,
     registry: str,
     gpu_runc_allowed: bool,
+    extra_runtime_classes: Sequence[str] = (),
+    gpu_resource: str = DEFAULT_GPU_RESOURCE,
     opa: Path | None = None,
 ) -> list[str]:
     """The sorted denials for a whole set of manifests; empty when all pass."""
     return evaluate_input(
         {"items": [dict(m) for m in manifests]},
-        GuardrailData(registry, gpu_runc_allowed),
+        GuardrailData(registry, gpu_runc_allowed, tuple(extra_runtime_classes), gpu_resource),
         opa=opa,
     )
 

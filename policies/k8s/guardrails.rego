@@ -4,10 +4,13 @@
 #   What an admission controller enforces on every object of the datacenter stack. The
 #   input is either the rendered stack, {"items": [manifest, ...]}, or an AdmissionReview,
 #   {"request": {"object": manifest}}. `deny` holds one message per violation, each
-#   starting with its rule id. The default-deny NetworkPolicy rules need the whole set, so
-#   they run on the first form only. Parameters come from data.k8s.guardrails: `registry`
-#   (the only registry images may come from; unset refuses every image) and
-#   `gpu_runc_allowed` (a GPU pod may omit runtimeClassName; default false).
+#   starting with its rule id. The default-deny NetworkPolicy rules and the declared
+#   namespace rule need the whole set, so they run on the first form only. Parameters come
+#   from data.k8s.guardrails: `registry` (the only registry images may come from; unset
+#   refuses every image), `gpu_runc_allowed` (a GPU pod may omit runtimeClassName; default
+#   false), `gpu_resource` (the extended resource that makes a pod a GPU pod; default
+#   nvidia.com/gpu) and `extra_runtime_classes` (RuntimeClass names accepted besides gvisor
+#   and kata, such as the GPU operator's kata-qemu-nvidia-gpu; default none).
 # entrypoint: true
 package k8s.guardrails
 
@@ -15,13 +18,91 @@ sandbox_runtimes := {"gvisor", "kata"}
 
 seccomp_profiles := {"RuntimeDefault", "Localhost"}
 
+apparmor_profiles := {"RuntimeDefault", "Localhost"}
+
+apparmor_annotation_prefix := "container.apparmor.security.beta.kubernetes.io/"
+
+# The Pod Security Standards' "safe" set: namespaced by the kernel, so they cannot touch
+# the node or other pods.
+safe_sysctls := {
+	"kernel.shm_rmid_forced",
+	"net.ipv4.ip_local_port_range",
+	"net.ipv4.ip_unprivileged_port_start",
+	"net.ipv4.tcp_syncookies",
+	"net.ipv4.ping_group_range",
+	"net.ipv4.ip_local_reserved_ports",
+	"net.ipv4.tcp_keepalive_time",
+	"net.ipv4.tcp_fin_timeout",
+	"net.ipv4.tcp_keepalive_intvl",
+	"net.ipv4.tcp_keepalive_probes",
+}
+
 pod_security_label := "pod-security.kubernetes.io/enforce"
+
+# Where each kind carries its pod template; the pod spec is at `spec` under it. Pod and
+# PodTemplate are the core kinds that carry one directly, ReplicationController the core
+# controller; the rest are apps/v1 and batch/v1.
+pod_template_paths := {
+	"Pod": [],
+	"PodTemplate": ["template"],
+	"ReplicationController": ["spec", "template"],
+	"Deployment": ["spec", "template"],
+	"StatefulSet": ["spec", "template"],
+	"DaemonSet": ["spec", "template"],
+	"ReplicaSet": ["spec", "template"],
+	"Job": ["spec", "template"],
+	"CronJob": ["spec", "jobTemplate", "spec", "template"],
+}
+
+# Kinds that live outside any namespace. Every other kind in a set must name a namespace
+# the set declares: one that falls back to `default`, or names a namespace the set does not
+# create, would escape the Pod Security and default-deny rules above. Unknown kinds count
+# as namespaced, so a new cluster-scoped kind must be added here rather than slip through.
+cluster_scoped_kinds := {
+	"APIService",
+	"CertificateSigningRequest",
+	"ClusterFederatedTrustDomain",
+	"ClusterRole",
+	"ClusterRoleBinding",
+	"ClusterSPIFFEID",
+	"ClusterStaticEntry",
+	"CSIDriver",
+	"CSINode",
+	"CustomResourceDefinition",
+	"FlowSchema",
+	"IngressClass",
+	"MutatingWebhookConfiguration",
+	"Namespace",
+	"Node",
+	"PersistentVolume",
+	"PriorityClass",
+	"PriorityLevelConfiguration",
+	"RuntimeClass",
+	"StorageClass",
+	"ValidatingAdmissionPolicy",
+	"ValidatingAdmissionPolicyBinding",
+	"ValidatingWebhookConfiguration",
+	"VolumeAttachment",
+}
 
 default _registry := ""
 
 _registry := data.k8s.guardrails.registry
 
 _gpu_runc_allowed if data.k8s.guardrails.gpu_runc_allowed == true
+
+default _gpu_resource := "nvidia.com/gpu"
+
+_gpu_resource := r if {
+	r := data.k8s.guardrails.gpu_resource
+	is_string(r)
+	r != ""
+}
+
+_runtime_classes := sandbox_runtimes | {rc |
+	some rc in data.k8s.guardrails.extra_runtime_classes
+	is_string(rc)
+}
 
 _objects contains obj if {
 	some obj in input.items
@@ -33,13 +114,29 @@ _objects contains obj if {
 	is_object(obj)
 }
 
-_template_kinds := {"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job"}
+# object.get that tolerates a non-object (which the API would refuse anyway), so a
+# malformed field yields the default rather than an error that hides the whole rule.
+_get(o, path, default_value) := object.get(o, path, default_value) if is_object(o)
 
-_pod_spec(obj) := obj.spec if obj.kind == "Pod"
+else := default_value
 
-_pod_spec(obj) := obj.spec.template.spec if obj.kind in _template_kinds
+_array(x) := x if is_array(x)
 
-_pod_spec(obj) := obj.spec.jobTemplate.spec.template.spec if obj.kind == "CronJob"
+else := []
+
+_template(obj) := t if {
+	path := pod_template_paths[obj.kind]
+	count(path) > 0
+	t := object.get(obj, path, null)
+	is_object(t)
+} else := obj if obj.kind == "Pod"
+
+_pod_spec(obj) := spec if {
+	spec := _template(obj).spec
+	is_object(spec)
+}
+
+_pod_meta(obj) := _get(_template(obj), "metadata", {})
 
 # An AdmissionReview may carry the namespace beside the object rather than in it.
 _namespace(obj) := ns if {
@@ -50,23 +147,45 @@ _namespace(obj) := ns if {
 
 _name(obj) := object.get(obj, ["metadata", "name"], "<unnamed>")
 
-_exemption(kind, ns, name) := e if {
+_no_exemption := {"deviations": set(), "host_paths": {}, "privileged_containers": set()}
+
+_exemption(obj, ns, name) := e if {
 	some e in exemptions
-	e.kind == kind
+	e.kind == obj.kind
 	e.namespace == ns
 	e.name == name
-} else := {"deviations": set(), "privileged_containers": set()}
+} else := e if {
+	# The DaemonSet controller creates the agents' Pods, which admission sees on their own.
+	# This trusts ownerReferences, which whoever creates a Pod may write: RBAC must leave
+	# Pod creation in the exempt namespace to the DaemonSet controller alone. The API
+	# allows one controller reference; more than one is refused here rather than guessed.
+	obj.kind == "Pod"
+	controllers := [ref |
+		some ref in _array(_get(obj.metadata, "ownerReferences", []))
+		_get(ref, "controller", false) == true
+	]
+	count(controllers) == 1
+	ref := controllers[0]
+	ref.apiVersion == "apps/v1"
+	some e in exemptions
+	e.kind == ref.kind
+	e.kind == "DaemonSet"
+	e.namespace == ns
+	e.name == ref.name
+} else := _no_exemption
 
 _workloads contains w if {
 	some obj in _objects
 	spec := _pod_spec(obj)
 	ns := _namespace(obj)
 	name := _name(obj)
-	exemption := _exemption(obj.kind, ns, name)
+	exemption := _exemption(obj, ns, name)
 	w := {
 		"id": sprintf("%s %s/%s", [obj.kind, ns, name]),
 		"spec": spec,
+		"meta": _pod_meta(obj),
 		"allowed": exemption.deviations,
+		"host_paths": exemption.host_paths,
 		"privileged_containers": exemption.privileged_containers,
 	}
 }
@@ -182,28 +301,39 @@ deny contains msg if {
 	msg := sprintf("K8S-008 host-namespaces: %s sets %s", [w.id, key])
 }
 
+# An exemption names each host path and type exactly: a prefix match would let `/` or
+# `/var/lib/kubelet` through beside the one directory the agent needs.
 deny contains msg if {
 	some w in _workloads
-	some volume in object.get(w.spec, "volumes", [])
+	some volume in _array(object.get(w.spec, "volumes", []))
 	"hostPath" in object.keys(volume)
-	not "hostPath" in w.allowed
-	msg := sprintf("K8S-009 host-path: %s mounts hostPath volume %s", [w.id, object.get(volume, "name", "<unnamed>")])
+	path := _get(volume.hostPath, "path", "<unset>")
+	type := _get(volume.hostPath, "type", "")
+	not _host_path_allowed(w, path, type)
+	msg := sprintf(
+		"K8S-009 host-path: %s mounts hostPath volume %s at %q (type %q), which no exemption allows",
+		[w.id, _get(volume, "name", "<unnamed>"), path, type],
+	)
 }
+
+_host_path_allowed(w, path, type) if w.host_paths[path] == type
 
 deny contains msg if {
 	some w in _workloads
 	rc := object.get(w.spec, "runtimeClassName", null)
 	rc != null
-	not rc in sandbox_runtimes
-	msg := sprintf("K8S-010 runtime-class: %s uses runtimeClassName %s, not gvisor or kata", [w.id, rc])
+	not rc in _runtime_classes
+	msg := sprintf("K8S-010 runtime-class: %s uses runtimeClassName %v, not one of %s", [w.id, rc, _runtime_class_names])
 }
 
 deny contains msg if {
 	some w in _workloads
 	object.get(w.spec, "runtimeClassName", null) == null
 	not _may_omit_runtime_class(w)
-	msg := sprintf("K8S-010 runtime-class: %s sets no runtimeClassName (gvisor or kata)", [w.id])
+	msg := sprintf("K8S-010 runtime-class: %s sets no runtimeClassName (one of %s)", [w.id, _runtime_class_names])
 }
+
+_runtime_class_names := concat(", ", sort(_runtime_classes))
 
 _may_omit_runtime_class(w) if "runtimeClassName" in w.allowed
 
@@ -216,7 +346,7 @@ _requests_gpu(w) if {
 	some [cw, _, c] in _containers
 	cw == w
 	some kind in ["requests", "limits"]
-	quantity := c.resources[kind]["nvidia.com/gpu"]
+	quantity := c.resources[kind][_gpu_resource]
 	not quantity in {0, "0"}
 }
 
@@ -239,11 +369,13 @@ _from_registry(image) if {
 	startswith(image, concat("", [_registry, "/"]))
 }
 
-_sovereign_namespaces contains name if {
+# The namespaces the set creates; every one of them gets the namespace rules, whatever
+# its name.
+_declared_namespaces contains name if {
+	is_array(input.items)
 	some obj in _objects
 	obj.kind == "Namespace"
 	name := _name(obj)
-	startswith(name, "sovereign-")
 }
 
 _pod_security_levels(name) := {"restricted", "privileged"} if {
@@ -254,7 +386,6 @@ deny contains msg if {
 	some obj in _objects
 	obj.kind == "Namespace"
 	name := _name(obj)
-	name in _sovereign_namespaces
 	level := object.get(obj, ["metadata", "labels", pod_security_label], "<unset>")
 	not level in _pod_security_levels(name)
 	msg := sprintf("K8S-013 pod-security: Namespace %s enforces Pod Security %q, not restricted", [name, level])
@@ -266,8 +397,7 @@ _directions := {
 }
 
 deny contains msg if {
-	is_array(input.items)
-	some name in _sovereign_namespaces
+	some name in _declared_namespaces
 	some direction, rule in _directions
 	not _default_deny(name, direction, rule.rules)
 	msg := sprintf(
@@ -288,4 +418,137 @@ _default_deny(ns, direction, rules) if {
 _selects_every_pod(selector) if {
 	count(object.get(selector, "matchLabels", {})) == 0
 	count(object.get(selector, "matchExpressions", [])) == 0
+}
+
+deny contains msg if {
+	is_array(input.items)
+	some obj in _objects
+	kind := object.get(obj, "kind", "<no kind>")
+	not kind in cluster_scoped_kinds
+	ns := _namespace(obj)
+	not ns in _declared_namespaces
+	msg := sprintf(
+		"K8S-016 namespace-declared: %s %s/%s is in namespace %s, which the set does not declare",
+		[kind, ns, _name(obj), ns],
+	)
+}
+
+# An ingress rule without `from` or an egress rule without `to` (or with an empty list)
+# allows every peer, and one peer that selects everything does the same; either would
+# silently cancel the namespace's default deny for the pods the policy selects.
+_peer_fields := {"ingress": "from", "egress": "to"}
+
+deny contains msg if {
+	some obj in _objects
+	obj.kind == "NetworkPolicy"
+	some direction, field in _peer_fields
+	some i, rule in _array(_get(obj.spec, direction, []))
+	count(_array(_get(rule, field, []))) == 0
+	msg := sprintf(
+		"K8S-017 network-policy-open: NetworkPolicy %s/%s %s rule %d has no %q peers, so it allows every peer",
+		[_namespace(obj), _name(obj), direction, i, field],
+	)
+}
+
+deny contains msg if {
+	some obj in _objects
+	obj.kind == "NetworkPolicy"
+	some direction, field in _peer_fields
+	some i, rule in _array(_get(obj.spec, direction, []))
+	some peer in _array(_get(rule, field, []))
+	is_object(peer)
+	not "ipBlock" in object.keys(peer)
+	_selects_all_or_absent(peer, "podSelector")
+	_selects_all_or_absent(peer, "namespaceSelector")
+	msg := sprintf(
+		"K8S-017 network-policy-open: NetworkPolicy %s/%s %s rule %d has a peer selecting every pod %s",
+		[_namespace(obj), _name(obj), direction, i, _peer_scope(peer)],
+	)
+}
+
+deny contains msg if {
+	some obj in _objects
+	obj.kind == "NetworkPolicy"
+	some direction, field in _peer_fields
+	some i, rule in _array(_get(obj.spec, direction, []))
+	some peer in _array(_get(rule, field, []))
+	cidr := _get(_get(peer, "ipBlock", {}), "cidr", "")
+	is_string(cidr)
+
+	# Any prefix length of 0 is every address, whatever the address before it.
+	regex.match(`/0+$`, cidr)
+	msg := sprintf(
+		"K8S-017 network-policy-open: NetworkPolicy %s/%s %s rule %d allows ipBlock %s, every address",
+		[_namespace(obj), _name(obj), direction, i, cidr],
+	)
+}
+
+_selects_all_or_absent(peer, key) if object.get(peer, key, null) == null
+
+_selects_all_or_absent(peer, key) if {
+	selector := peer[key]
+	is_object(selector)
+	_selects_every_pod(selector)
+}
+
+_peer_scope(peer) := "in every namespace" if "namespaceSelector" in object.keys(peer)
+
+else := "in its namespace"
+
+# hostPort 0 is the same as none (Pod Security baseline allows it).
+deny contains msg if {
+	some [w, field, c] in _containers
+	some port in _array(object.get(c, "ports", []))
+	host_port := _get(port, "hostPort", 0)
+	not host_port in {0, null}
+	msg := sprintf("K8S-018 host-port: %s binds host port %v", [_cid(w, field, c), host_port])
+}
+
+deny contains msg if {
+	some w in _workloads
+	type := w.spec.securityContext.appArmorProfile.type
+	not type in apparmor_profiles
+	msg := sprintf("K8S-019 apparmor: %s sets AppArmor profile %v for the pod", [w.id, type])
+}
+
+deny contains msg if {
+	some [w, field, c] in _containers
+	type := c.securityContext.appArmorProfile.type
+	not type in apparmor_profiles
+	msg := sprintf("K8S-019 apparmor: %s sets AppArmor profile %v", [_cid(w, field, c), type])
+}
+
+# The annotation predates the field and kubelets still honour it.
+deny contains msg if {
+	some w in _workloads
+	some key, value in _get(w.meta, "annotations", {})
+	startswith(key, apparmor_annotation_prefix)
+	not _apparmor_annotation_confined(value)
+	msg := sprintf("K8S-019 apparmor: %s annotates %s with AppArmor profile %v", [w.id, key, value])
+}
+
+_apparmor_annotation_confined(value) if value == "runtime/default"
+
+_apparmor_annotation_confined(value) if startswith(value, "localhost/")
+
+deny contains msg if {
+	some w in _workloads
+	some sysctl in _array(_get(w.spec.securityContext, "sysctls", []))
+	name := _get(sysctl, "name", "<unnamed>")
+	not _safe_sysctl(name)
+	msg := sprintf("K8S-020 sysctls: %s sets sysctl %v, which is not in the Pod Security safe set", [w.id, name])
+}
+
+_safe_sysctl(name) if name in safe_sysctls
+
+# The API also takes `/` as the separator, with `.` then literal inside a segment.
+_safe_sysctl(name) if {
+	concat(".", [replace(segment, ".", "/") | some segment in split(name, "/")]) in safe_sysctls
+}
+
+deny contains msg if {
+	some [w, field, c] in _containers
+	proc_mount := c.securityContext.procMount
+	proc_mount != "Default"
+	msg := sprintf("K8S-021 proc-mount: %s sets procMount %v, not Default", [_cid(w, field, c), proc_mount])
 }

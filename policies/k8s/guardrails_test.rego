@@ -389,8 +389,17 @@ test_spire_node_namespace_may_not_be_baseline if {
 	ids(admission(namespace("sovereign-spire-node", "baseline"))) == {"K8S-013"}
 }
 
-test_other_namespaces_not_checked if {
-	count(denials([json.remove(namespace("ingress-nginx", "privileged"), ["metadata/labels"])])) == 0
+# Every Namespace is checked, not only sovereign-*: any other would hold workloads the
+# namespace rules never see.
+test_other_namespaces_checked_too if {
+	ids(denials([json.remove(namespace("ingress-nginx", "privileged"), ["metadata/labels"])])) == {"K8S-013", "K8S-014", "K8S-015"}
+	ids(admission(namespace("ingress-nginx", "privileged"))) == {"K8S-013"}
+	ids(denials([namespace("tenant-a", "restricted"), default_deny("tenant-a")])) == set()
+}
+
+test_only_spire_node_may_be_privileged if {
+	ids(admission(namespace("sovereign-spire", "privileged"))) == {"K8S-013"}
+	ids(admission(namespace("kube-system", "privileged"))) == {"K8S-013"}
 }
 
 # --- K8S-014 default-deny-ingress / K8S-015 default-deny-egress ---------------------
@@ -424,7 +433,7 @@ test_separate_default_deny_policies_allowed if {
 
 test_default_deny_with_allow_all_egress_rule_denied if {
 	allow_all := network_policy("sovereign-app", "default-deny", {"podSelector": {}, "policyTypes": ["Ingress", "Egress"], "egress": [{}]})
-	ids(denials([namespace("sovereign-app", "restricted"), allow_all])) == {"K8S-015"}
+	ids(denials([namespace("sovereign-app", "restricted"), allow_all])) == {"K8S-015", "K8S-017"}
 }
 
 test_default_deny_selecting_some_pods_denied if {
@@ -433,7 +442,7 @@ test_default_deny_selecting_some_pods_denied if {
 }
 
 test_default_deny_in_another_namespace_does_not_count if {
-	ids(denials([namespace("sovereign-app", "restricted"), default_deny("sovereign-other")])) == {"K8S-014", "K8S-015"}
+	ids(denials([namespace("sovereign-app", "restricted"), default_deny("sovereign-other")])) == {"K8S-014", "K8S-015", "K8S-016"}
 }
 
 test_policy_types_default_not_assumed if {
@@ -455,9 +464,21 @@ root_pod(containers, volumes) := object.remove(
 	["runtimeClassName"],
 )
 
-host_volumes := [{"name": "kubelet", "hostPath": {"path": "/var/lib/kubelet"}}]
+host_path(name, path, type) := {"name": name, "hostPath": {"path": path, "type": type}}
 
-spire_agent_spec := object.union(root_pod([root_container("spire-agent")], host_volumes), {"hostPID": true})
+agent_sockets := host_path("agent-sockets", "/run/spire/agent-sockets", "DirectoryOrCreate")
+
+# As stacks/components/workload_identity.py mounts them.
+agent_volumes := [agent_sockets]
+
+csi_volumes := [
+	agent_sockets,
+	host_path("plugin-dir", "/var/lib/kubelet/plugins/csi.spiffe.io", "DirectoryOrCreate"),
+	host_path("kubelet-pods", "/var/lib/kubelet/pods", "Directory"),
+	host_path("registration", "/var/lib/kubelet/plugins_registry", "Directory"),
+]
+
+spire_agent_spec := object.union(root_pod([root_container("spire-agent")], agent_volumes), {"hostPID": true})
 
 # As base.container_security(privileged=True) builds it: the API refuses
 # allowPrivilegeEscalation false beside privileged, and capabilities mean nothing there.
@@ -471,7 +492,7 @@ csi_driver_spec := root_pod(
 		csi_container,
 		root_container("node-driver-registrar"),
 	],
-	host_volumes,
+	csi_volumes,
 )
 
 spire_node_set := [
@@ -562,4 +583,334 @@ test_exemptions_are_exactly_the_two_node_agents if {
 	}
 	count(guardrails.exemptions) == 2
 	guardrails.privileged_namespaces == {"sovereign-spire-node"}
+}
+
+# --- K8S-016 namespace-declared -----------------------------------------------------
+
+shadow_deployment := workload("Deployment", "sovereign-shadow", "app", pod_spec([container("app")]))
+
+test_workload_in_undeclared_namespace_denied if {
+	msgs := denials(array.concat(base_set, [shadow_deployment]))
+	msgs == {"K8S-016 namespace-declared: Deployment sovereign-shadow/app is in namespace sovereign-shadow, which the set does not declare"}
+}
+
+test_workload_without_namespace_lands_in_undeclared_default if {
+	msgs := denials(array.concat(base_set, [json.remove(deployment(pod_spec([container("app")])), ["metadata/namespace"])]))
+	msgs == {"K8S-016 namespace-declared: Deployment default/app is in namespace default, which the set does not declare"}
+}
+
+test_every_namespaced_kind_must_be_in_a_declared_namespace if {
+	config_map := {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c", "namespace": "elsewhere"}}
+	unknown := {"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "w"}}
+	policy := network_policy("elsewhere", "allow", {"podSelector": {}, "policyTypes": ["Ingress"]})
+	ids(denials(array.concat(base_set, [config_map, unknown, policy]))) == {"K8S-016"}
+	count(denials(array.concat(base_set, [config_map, unknown, policy]))) == 3
+}
+
+test_cluster_scoped_kinds_need_no_namespace if {
+	objects := [
+		{"apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass", "metadata": {"name": "p"}, "value": 1000},
+		{"apiVersion": "node.k8s.io/v1", "kind": "RuntimeClass", "metadata": {"name": "gvisor"}, "handler": "runsc"},
+		{"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": {"name": "r"}},
+	]
+	count(denials(array.concat(good_set, objects))) == 0
+}
+
+# An AdmissionReview names the namespace the object is created in, which must exist.
+test_undeclared_namespace_not_checked_on_admission if {
+	count(admission(shadow_deployment)) == 0
+}
+
+# --- pod templates in core kinds ----------------------------------------------------
+
+test_core_pod_template_kinds_checked if {
+	bad := pod_spec([object.union(container("app"), {"securityContext": {"privileged": true}})])
+	rc := {
+		"apiVersion": "v1",
+		"kind": "ReplicationController",
+		"metadata": {"name": "rc", "namespace": "sovereign-app"},
+		"spec": {"selector": {"app": "rc"}, "template": template("rc", bad)},
+	}
+	pod_template := {
+		"apiVersion": "v1",
+		"kind": "PodTemplate",
+		"metadata": {"name": "pt", "namespace": "sovereign-app"},
+		"template": template("pt", bad),
+	}
+	every obj in [rc, pod_template] {
+		ids(admission(obj)) == {"K8S-001"}
+	}
+	denials(array.concat(base_set, [rc, pod_template])) == {
+		"K8S-001 privileged: ReplicationController sovereign-app/rc container app is privileged",
+		"K8S-001 privileged: PodTemplate sovereign-app/pt container app is privileged",
+	}
+}
+
+test_good_core_pod_template_kinds_pass if {
+	rc := {
+		"apiVersion": "v1",
+		"kind": "ReplicationController",
+		"metadata": {"name": "rc", "namespace": "sovereign-app"},
+		"spec": {"selector": {"app": "rc"}, "template": template("rc", pod_spec([container("app")]))},
+	}
+	count(admission(rc)) == 0
+}
+
+# --- K8S-017 network-policy-open ----------------------------------------------------
+
+allow_policy(rules) := network_policy("sovereign-app", "allow", object.union(
+	{"podSelector": {"matchLabels": {"app": "app"}}, "policyTypes": ["Ingress", "Egress"]},
+	rules,
+))
+
+policy_ids(rules) := ids(admission(allow_policy(rules)))
+
+named_ns := {"matchLabels": {"kubernetes.io/metadata.name": "sovereign-gateway"}}
+
+app_pods := {"matchLabels": {"app": "gateway"}}
+
+test_ingress_rule_without_from_denied if {
+	policy_ids({"ingress": [{"ports": [{"port": 8080, "protocol": "TCP"}]}]}) == {"K8S-017"}
+	policy_ids({"ingress": [{"from": []}]}) == {"K8S-017"}
+}
+
+test_egress_rule_without_to_denied if {
+	msgs := admission(allow_policy({"egress": [{"ports": [{"port": 443, "protocol": "TCP"}]}]}))
+	msgs == {"K8S-017 network-policy-open: NetworkPolicy sovereign-app/allow egress rule 0 has no \"to\" peers, so it allows every peer"}
+}
+
+test_peer_selecting_every_namespace_denied if {
+	policy_ids({"ingress": [{"from": [{"namespaceSelector": {}}]}]}) == {"K8S-017"}
+	policy_ids({"egress": [{"to": [{"namespaceSelector": {}, "podSelector": {}}]}]}) == {"K8S-017"}
+	policy_ids({"egress": [{"to": [{"namespaceSelector": {"matchLabels": {}}, "podSelector": {"matchExpressions": []}}]}]}) == {"K8S-017"}
+}
+
+test_peer_selecting_every_pod_of_its_namespace_denied if {
+	policy_ids({"ingress": [{"from": [{"podSelector": {}}]}]}) == {"K8S-017"}
+}
+
+test_one_open_peer_among_explicit_ones_denied if {
+	policy_ids({"ingress": [{"from": [{"namespaceSelector": named_ns, "podSelector": app_pods}, {"namespaceSelector": {}}]}]}) == {"K8S-017"}
+}
+
+test_ip_block_of_every_address_denied if {
+	every cidr in ["0.0.0.0/0", "::/0", "10.0.0.0/0"] {
+		policy_ids({"egress": [{"to": [{"ipBlock": {"cidr": cidr}}]}]}) == {"K8S-017"}
+	}
+	policy_ids({"egress": [{"to": [{"ipBlock": {"cidr": "0.0.0.0/0", "except": ["10.0.0.0/8"]}}]}]}) == {"K8S-017"}
+}
+
+test_explicit_peers_allowed if {
+	policy_ids({
+		"ingress": [{"from": [{"namespaceSelector": named_ns, "podSelector": app_pods}], "ports": [{"port": 8080, "protocol": "TCP"}]}],
+		"egress": [
+			{"to": [{"namespaceSelector": named_ns}]},
+			{"to": [{"namespaceSelector": named_ns, "podSelector": {}}]},
+			{"to": [{"podSelector": app_pods}]},
+			{"to": [{"ipBlock": {"cidr": "10.20.0.0/16"}}, {"ipBlock": {"cidr": "fd00::/64"}}]},
+		],
+	}) == set()
+}
+
+test_open_policy_denied_beside_default_deny if {
+	open := network_policy("sovereign-app", "allow-all", {"podSelector": {}, "policyTypes": ["Ingress"], "ingress": [{}]})
+	ids(denials(array.concat(good_set, [open]))) == {"K8S-017"}
+}
+
+# --- K8S-009 host paths pinned per exemption ----------------------------------------
+
+agent_with_volumes(name, spec, volumes) := workload("DaemonSet", "sovereign-spire-node", name, object.union(spec, {"volumes": volumes}))
+
+test_exempt_agents_may_not_mount_host_root if {
+	root := host_path("root", "/", "Directory")
+	msgs := admission(agent_with_volumes("spire-agent", spire_agent_spec, array.concat(agent_volumes, [root])))
+	msgs == {"K8S-009 host-path: DaemonSet sovereign-spire-node/spire-agent mounts hostPath volume root at \"/\" (type \"Directory\"), which no exemption allows"}
+	ids(admission(agent_with_volumes("spiffe-csi-driver", csi_driver_spec, array.concat(csi_volumes, [root])))) == {"K8S-009"}
+}
+
+test_exempt_host_paths_are_per_agent if {
+	kubelet_pods := host_path("kubelet-pods", "/var/lib/kubelet/pods", "Directory")
+	ids(admission(agent_with_volumes("spire-agent", spire_agent_spec, [agent_sockets, kubelet_pods]))) == {"K8S-009"}
+}
+
+test_exempt_host_paths_match_exactly if {
+	every volume in [
+		host_path("agent-sockets", "/run/spire/agent-sockets/..", "DirectoryOrCreate"),
+		host_path("agent-sockets", "/run/spire", "DirectoryOrCreate"),
+		host_path("agent-sockets", "/run/spire/agent-sockets", "Socket"),
+		{"name": "agent-sockets", "hostPath": {"path": "/run/spire/agent-sockets"}},
+	] {
+		ids(admission(agent_with_volumes("spire-agent", spire_agent_spec, [volume]))) == {"K8S-009"}
+	}
+}
+
+# --- exempt agents' own Pods ----------------------------------------------------------
+
+owner(kind, name, controller) := {
+	"apiVersion": "apps/v1",
+	"kind": kind,
+	"name": name,
+	"uid": "00000000-0000-0000-0000-000000000001",
+	"controller": controller,
+}
+
+agent_pod(ns, refs, spec) := {
+	"apiVersion": "v1",
+	"kind": "Pod",
+	"metadata": {"generateName": "spire-agent-", "namespace": ns, "ownerReferences": refs},
+	"spec": spec,
+}
+
+test_agent_pods_created_by_their_daemonsets_pass if {
+	count(admission(agent_pod("sovereign-spire-node", [owner("DaemonSet", "spire-agent", true)], spire_agent_spec))) == 0
+	count(admission(agent_pod("sovereign-spire-node", [owner("DaemonSet", "spiffe-csi-driver", true)], csi_driver_spec))) == 0
+	pod := agent_pod("sovereign-spire-node", [owner("DaemonSet", "spire-agent", true)], spire_agent_spec)
+	count(denials(array.concat(spire_node_set, [pod]))) == 0
+}
+
+test_agent_pod_claiming_owner_elsewhere_denied if {
+	pod := agent_pod("sovereign-app", [owner("DaemonSet", "spire-agent", true)], spire_agent_spec)
+	ids(admission(pod)) == {"K8S-002", "K8S-008", "K8S-009", "K8S-010"}
+}
+
+test_agent_pod_needs_a_single_controller_daemonset_reference if {
+	every refs in [
+		[owner("DaemonSet", "spire-agent", false)],
+		[object.remove(owner("DaemonSet", "spire-agent", true), ["controller"])],
+		[owner("ReplicaSet", "spire-agent", true)],
+		[object.union(owner("DaemonSet", "spire-agent", true), {"apiVersion": "example.com/v1"})],
+		[owner("DaemonSet", "spire-agent-2", true)],
+		[owner("DaemonSet", "spire-agent", true), owner("DaemonSet", "spiffe-csi-driver", true)],
+		[],
+	] {
+		ids(admission(agent_pod("sovereign-spire-node", refs, spire_agent_spec))) == {"K8S-002", "K8S-008", "K8S-009", "K8S-010"}
+	}
+}
+
+# The Pod gets its owner's exemption, not another agent's.
+test_agent_pod_gets_only_its_owners_exemption if {
+	ids(admission(agent_pod("sovereign-spire-node", [owner("DaemonSet", "spiffe-csi-driver", true)], spire_agent_spec))) == {"K8S-008"}
+}
+
+# --- K8S-018 host-port ----------------------------------------------------------------
+
+test_host_port_denied if {
+	container_ids({"ports": [{"containerPort": 8080, "hostPort": 8080}]}) == {"K8S-018"}
+	init := object.union(container("init"), {"ports": [{"containerPort": 53, "hostPort": 53, "protocol": "UDP"}]})
+	spec_ids(object.union(pod_spec([container("app")]), {"initContainers": [init]})) == {"K8S-018"}
+}
+
+test_host_port_zero_allowed if {
+	container_ids({"ports": [{"containerPort": 8080, "hostPort": 0}, {"containerPort": 8081}]}) == set()
+}
+
+test_exempt_agent_may_not_use_host_ports if {
+	agent := object.union(spire_agent_spec.containers[0], {"ports": [{"containerPort": 8081, "hostPort": 8081}]})
+	spec := object.union(spire_agent_spec, {"containers": [agent]})
+	ids(admission(workload("DaemonSet", "sovereign-spire-node", "spire-agent", spec))) == {"K8S-018"}
+}
+
+# --- K8S-019 apparmor -----------------------------------------------------------------
+
+with_template_annotations(obj, annotations) := object.union(obj, {"spec": {"template": {"metadata": {"annotations": annotations}}}})
+
+test_apparmor_unconfined_denied if {
+	container_ids({"securityContext": {"appArmorProfile": {"type": "Unconfined"}}}) == {"K8S-019"}
+	pod_ids({"securityContext": {"appArmorProfile": {"type": "Unconfined"}}}) == {"K8S-019"}
+}
+
+test_apparmor_unconfined_annotation_denied if {
+	obj := with_template_annotations(deployment(pod_spec([container("app")])), {"container.apparmor.security.beta.kubernetes.io/app": "unconfined"})
+	admission(obj) == {"K8S-019 apparmor: Deployment sovereign-app/app annotates container.apparmor.security.beta.kubernetes.io/app with AppArmor profile unconfined"}
+	pod := {
+		"apiVersion": "v1",
+		"kind": "Pod",
+		"metadata": {"name": "p", "namespace": "sovereign-app", "annotations": {"container.apparmor.security.beta.kubernetes.io/app": "unconfined"}},
+		"spec": pod_spec([container("app")]),
+	}
+	ids(admission(pod)) == {"K8S-019"}
+}
+
+test_apparmor_confined_allowed if {
+	container_ids({"securityContext": {"appArmorProfile": {"type": "RuntimeDefault"}}}) == set()
+	pod_ids({"securityContext": {"appArmorProfile": {"type": "Localhost", "localhostProfile": "p"}}}) == set()
+	obj := with_template_annotations(deployment(pod_spec([container("app")])), {
+		"container.apparmor.security.beta.kubernetes.io/app": "runtime/default",
+		"container.apparmor.security.beta.kubernetes.io/init": "localhost/p",
+	})
+	count(admission(obj)) == 0
+}
+
+test_exempt_agent_may_not_be_unconfined if {
+	spec := object.union(csi_driver_spec, {"securityContext": {"appArmorProfile": {"type": "Unconfined"}}})
+	ids(admission(workload("DaemonSet", "sovereign-spire-node", "spiffe-csi-driver", spec))) == {"K8S-019"}
+}
+
+# --- K8S-020 sysctls ------------------------------------------------------------------
+
+sysctl_ids(names) := pod_ids({"securityContext": {"sysctls": [{"name": n, "value": "1"} | some n in names]}})
+
+test_unsafe_sysctls_denied if {
+	every name in ["kernel.msgmax", "net.core.somaxconn", "vm.overcommit_memory", "kernel/msgmax", "net.ipv4.conf.all.forwarding"] {
+		sysctl_ids([name]) == {"K8S-020"}
+	}
+}
+
+test_safe_sysctls_allowed if {
+	sysctl_ids(["net.ipv4.ip_local_port_range", "kernel.shm_rmid_forced", "net/ipv4/tcp_syncookies"]) == set()
+}
+
+test_exempt_agent_may_not_set_unsafe_sysctls if {
+	spec := object.union(spire_agent_spec, {"securityContext": {"sysctls": [{"name": "kernel.core_pattern", "value": "|/x"}]}})
+	ids(admission(workload("DaemonSet", "sovereign-spire-node", "spire-agent", spec))) == {"K8S-020"}
+}
+
+# --- K8S-021 proc-mount ---------------------------------------------------------------
+
+test_unmasked_proc_mount_denied if {
+	container_ids({"securityContext": {"procMount": "Unmasked"}}) == {"K8S-021"}
+}
+
+test_default_proc_mount_allowed if {
+	container_ids({"securityContext": {"procMount": "Default"}}) == set()
+}
+
+test_exempt_agent_may_not_unmask_proc if {
+	privileged := object.union(csi_container, {"securityContext": {"procMount": "Unmasked"}})
+	spec := object.union(csi_driver_spec, {"containers": [privileged, csi_driver_spec.containers[1]]})
+	ids(admission(workload("DaemonSet", "sovereign-spire-node", "spiffe-csi-driver", spec))) == {"K8S-021"}
+}
+
+# --- K8S-010 extra RuntimeClasses and the GPU resource ----------------------------------
+
+test_extra_runtime_class_denied_unless_named if {
+	pod_ids({"runtimeClassName": "kata-qemu-nvidia-gpu"}) == {"K8S-010"}
+	msgs := denials(array.concat(base_set, [deployment(object.union(pod_spec([container("app")]), {"runtimeClassName": "kata-qemu-nvidia-gpu"}))]))
+		with data.k8s.guardrails.extra_runtime_classes as ["kata-qemu-nvidia-gpu"]
+	count(msgs) == 0
+}
+
+test_extra_runtime_classes_allow_only_those_named if {
+	msgs := denials(array.concat(base_set, [deployment(object.union(pod_spec([container("app")]), {"runtimeClassName": "runc"}))]))
+		with data.k8s.guardrails.extra_runtime_classes as ["kata-qemu-nvidia-gpu"]
+	msgs == {"K8S-010 runtime-class: Deployment sovereign-app/app uses runtimeClassName runc, not one of gvisor, kata, kata-qemu-nvidia-gpu"}
+}
+
+pgpu_spec := object.remove(
+	pod_spec([object.union(container("vllm"), {"resources": {"limits": {"nvidia.com/pgpu": "1"}, "requests": {"nvidia.com/pgpu": "1"}}})]),
+	["runtimeClassName"],
+)
+
+test_gpu_resource_read_from_data if {
+	items := array.concat(base_set, [deployment(pgpu_spec)])
+	default_resource := denials(items) with data.k8s.guardrails.gpu_runc_allowed as true
+	ids(default_resource) == {"K8S-010"}
+	named := denials(items) with data.k8s.guardrails.gpu_runc_allowed as true
+		with data.k8s.guardrails.gpu_resource as "nvidia.com/pgpu"
+	count(named) == 0
+
+	# Naming another resource takes runc away from the default one.
+	other := denials(array.concat(base_set, [deployment(gpu_spec)])) with data.k8s.guardrails.gpu_runc_allowed as true
+		with data.k8s.guardrails.gpu_resource as "nvidia.com/pgpu"
+	ids(other) == {"K8S-010"}
 }

@@ -20,6 +20,15 @@ NON_ROOT_UID = 65532
 DNS_NAMESPACE = "kube-system"
 DNS_PORTS = (53,)
 
+# Names and ports more than one component needs: the gateway's pods (which the others
+# admit), Keycloak's TLS listener, Qdrant's gRPC listener, and the taint GPU nodes carry.
+GATEWAY_APP = "sovereign-gateway"
+KEYCLOAK_HTTPS_PORT = 8443
+QDRANT_GRPC_PORT = 6334
+# The NVIDIA GPU operator taints GPU nodes with this key whatever resource they expose
+# (nvidia.com/gpu, or nvidia.com/pgpu for Kata passthrough).
+GPU_TOLERATION_KEY = "nvidia.com/gpu"
+
 
 def labels(component: str, name: str) -> dict[str, str]:
     return {
@@ -128,10 +137,17 @@ def container(
 
 
 def http_probe(
-    path: str, port: int | str, *, period: int = 10, failures: int = 3, delay: int = 0
+    path: str,
+    port: int | str,
+    *,
+    period: int = 10,
+    failures: int = 3,
+    delay: int = 0,
+    scheme: str | None = None,
 ) -> k8s.core.v1.ProbeArgs:
+    """An HTTP GET probe; `scheme="HTTPS"` for a listener that serves TLS only."""
     return k8s.core.v1.ProbeArgs(
-        http_get=k8s.core.v1.HTTPGetActionArgs(path=path, port=port),
+        http_get=k8s.core.v1.HTTPGetActionArgs(path=path, port=port, scheme=scheme),
         period_seconds=period,
         failure_threshold=failures,
         initial_delay_seconds=delay,
@@ -154,7 +170,12 @@ def pod_spec(
     host_pid: bool = False,
     restart_policy: str | None = None,
     termination_grace_seconds: int | None = None,
+    automount_token: bool | None = None,
+    host_aliases: Sequence[k8s.core.v1.HostAliasArgs] = (),
 ) -> k8s.core.v1.PodSpecArgs:
+    """A hardened pod. A named service account gets its API token mounted unless
+    `automount_token` says otherwise: an account that only names the pod (to SPIRE) needs
+    none."""
     return k8s.core.v1.PodSpecArgs(
         containers=list(containers),
         init_containers=list(init_containers) or None,
@@ -162,7 +183,10 @@ def pod_spec(
         runtime_class_name=runtime_class,
         service_account_name=service_account,
         # Pods that do not talk to the API server get no token to steal.
-        automount_service_account_token=service_account is not None,
+        automount_service_account_token=(
+            service_account is not None if automount_token is None else automount_token
+        ),
+        host_aliases=list(host_aliases) or None,
         enable_service_links=False,
         priority_class_name=priority_class,
         node_selector=dict(node_selector) if node_selector else None,
@@ -297,13 +321,17 @@ def service(
     *,
     app: str | None = None,
     headless: bool = False,
+    publish_not_ready: bool = False,
 ) -> k8s.core.v1.Service:
+    """A ClusterIP Service for app `app` (default `name`); `publish_not_ready` lists pods
+    before they are ready, which peers that must find each other to become ready need."""
     return k8s.core.v1.Service(
         f"{namespace}-{name}",
         metadata=metadata(name, namespace, component, app),
         spec=k8s.core.v1.ServiceSpecArgs(
             type="ClusterIP",
             cluster_ip="None" if headless else None,
+            publish_not_ready_addresses=publish_not_ready or None,
             selector=selector(app or name),
             ports=[
                 k8s.core.v1.ServicePortArgs(name=port_name, port=port, target_port=port_name)
@@ -321,6 +349,77 @@ def service_account(
         f"{namespace}-{name}",
         metadata=metadata(name, namespace, component),
         automount_service_account_token=False,
+        opts=child(parent),
+    )
+
+
+def pdb(
+    name: str,
+    namespace: str,
+    component: str,
+    parent: pulumi.Resource,
+    *,
+    min_available: int | None = None,
+    max_unavailable: int | None = None,
+) -> k8s.policy.v1.PodDisruptionBudget:
+    """A PodDisruptionBudget for app `name`; give exactly one of the two bounds."""
+    if (min_available is None) == (max_unavailable is None):
+        raise ValueError(f"pdb {namespace}/{name}: give min_available or max_unavailable")
+    return k8s.policy.v1.PodDisruptionBudget(
+        f"{namespace}-{name}",
+        metadata=metadata(name, namespace, component),
+        spec=k8s.policy.v1.PodDisruptionBudgetSpecArgs(
+            min_available=min_available,
+            max_unavailable=max_unavailable,
+            selector=k8s.meta.v1.LabelSelectorArgs(match_labels=selector(name)),
+        ),
+        opts=child(parent),
+    )
+
+
+def ingress(
+    name: str,
+    namespace: str,
+    component: str,
+    parent: pulumi.Resource,
+    *,
+    host: str,
+    tls_secret: str,
+    class_name: str | None,
+    port_name: str,
+    annotations: Mapping[str, str] | None = None,
+) -> k8s.networking.v1.Ingress:
+    """A TLS Ingress sending every path of `host` to the Service `name`'s port `port_name`."""
+    meta = k8s.meta.v1.ObjectMetaArgs(
+        name=name,
+        namespace=namespace,
+        labels=labels(component, name),
+        annotations=dict(annotations) if annotations else None,
+    )
+    backend = k8s.networking.v1.IngressBackendArgs(
+        service=k8s.networking.v1.IngressServiceBackendArgs(
+            name=name, port=k8s.networking.v1.ServiceBackendPortArgs(name=port_name)
+        )
+    )
+    return k8s.networking.v1.Ingress(
+        f"{namespace}-{name}",
+        metadata=meta,
+        spec=k8s.networking.v1.IngressSpecArgs(
+            ingress_class_name=class_name,
+            tls=[k8s.networking.v1.IngressTLSArgs(hosts=[host], secret_name=tls_secret)],
+            rules=[
+                k8s.networking.v1.IngressRuleArgs(
+                    host=host,
+                    http=k8s.networking.v1.HTTPIngressRuleValueArgs(
+                        paths=[
+                            k8s.networking.v1.HTTPIngressPathArgs(
+                                path="/", path_type="Prefix", backend=backend
+                            )
+                        ]
+                    ),
+                )
+            ],
+        ),
         opts=child(parent),
     )
 

@@ -4,6 +4,8 @@ A Deployment runs `sovereign-gateway --config` on the config the shared renderer
 (`sovereign.render.gateway`), behind a Service and a TLS Ingress, scaled by an HPA and
 guarded by a PodDisruptionBudget. Its pods share one ReadWriteMany volume: each keeps its
 own audit chain in a directory named after the pod, and all share the sealed memory. The
+imported bundle's embedding model and tokenizer come read-only from a ReadOnlyMany volume
+at the bundle root, where the config's bundle: and hf: paths point. The
 compliance lock and the audit signing key come from objects the operator creates, so no
 private key passes through Pulumi. Its NetworkPolicy admits the ingress controller alone
 and lets the gateway reach exactly DNS, OPA, Keycloak, each vLLM server and Qdrant.
@@ -13,16 +15,18 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from itertools import combinations
 from pathlib import PurePosixPath
 from urllib.parse import urlsplit
 
 import pulumi
 import pulumi_kubernetes as k8s
 
+from sovereign.profile.derived import BUNDLE_ROOT
 from sovereign.profile.types import split_host_port
 from sovereign.render.gateway import gateway_config
 from sovereign.render.vllm import vllm_launches, vllm_service_name
-from stacks.components import base
+from stacks.components import base, workload_identity
 from stacks.config import (
     GATEWAY_NAMESPACE,
     IDENTITY_NAMESPACE,
@@ -37,10 +41,8 @@ from stacks.config import (
 )
 
 COMPONENT = "gateway"
-APP = "sovereign-gateway"
+APP = base.GATEWAY_APP
 KEYCLOAK_APP = "keycloak"
-KEYCLOAK_HTTPS_PORT = 8443
-QDRANT_GRPC_PORT = 6334
 CONFIG_DIR = "/etc/sovereign-gateway"
 CONFIG_KEY = "config.json"
 CONFIG_PATH = f"{CONFIG_DIR}/{CONFIG_KEY}"
@@ -145,13 +147,24 @@ class Gateway(pulumi.ComponentResource):
             base.volume_mount("data", profile.memory.data_dir, sub_path="memory"),
             *lock_volume_mounts,
             base.volume_mount("signing-key", str(signing_key.parent), read_only=True),
+            # The embedding model and tokenizer (bundle: and hf: sources) of the bundle.
+            base.volume_mount("models", BUNDLE_ROOT, read_only=True),
+            workload_identity.workload_api_mount(),
             base.volume_mount("tmp", "/tmp"),  # noqa: S108 - an emptyDir of its own
         ]
-        paths = [str(mount.mount_path) for mount in mounts]
-        if len(set(paths)) != len(paths):
+        paths = [PurePosixPath(str(mount.mount_path)) for mount in mounts]
+        # A mount inside another would hide part of it. The bundle root and the SPIFFE
+        # socket directory are fixed; the profile's paths must stay clear of them.
+        overlaps = [
+            f"{a} and {b}"
+            for a, b in combinations(paths, 2)
+            if a.is_relative_to(b) or b.is_relative_to(a)
+        ]
+        if overlaps:
             raise ValueError(
-                f"gateway mounts overlap ({', '.join(sorted(paths))}): give the lock, the "
-                "audit signing key, the audit log and memory their own directories"
+                f"gateway mounts overlap ({'; '.join(overlaps)}): give the lock, the audit "
+                "signing key, the audit log and memory their own directories, outside "
+                f"{BUNDLE_ROOT} and {workload_identity.WORKLOAD_API_DIR}"
             )
         container = base.container(
             APP,
@@ -174,6 +187,7 @@ class Gateway(pulumi.ComponentResource):
                         )
                     ),
                 ),
+                workload_identity.workload_api_env(),
             ],
             mounts=mounts,
             # /health answers 503 until OPA, Keycloak, the audit log, the lock and memory
@@ -182,10 +196,20 @@ class Gateway(pulumi.ComponentResource):
             liveness=base.http_probe("/metrics", "http", period=20),
             startup=base.http_probe("/metrics", "http", period=5, failures=60),
         )
+        host_aliases: list[k8s.core.v1.HostAliasArgs] = []
+        if args.keycloak_ip is not None:
+            issuer_host = urlsplit(str(profile.identity.issuer)).hostname or ""
+            host_aliases.append(
+                k8s.core.v1.HostAliasArgs(ip=args.keycloak_ip, hostnames=[issuer_host])
+            )
         pod = base.pod_spec(
             [container],
             runtime_class=settings.runtime_class(),
+            # The account names the pod to SPIRE; the gateway never calls the API server,
+            # so it gets no token.
             service_account=APP,
+            automount_token=False,
+            host_aliases=host_aliases,
             volumes=[
                 base.config_map_volume("config", APP),
                 k8s.core.v1.VolumeArgs(
@@ -205,18 +229,17 @@ class Gateway(pulumi.ComponentResource):
                         default_mode=0o440,
                     ),
                 ),
+                k8s.core.v1.VolumeArgs(
+                    name="models",
+                    persistent_volume_claim=k8s.core.v1.PersistentVolumeClaimVolumeSourceArgs(
+                        claim_name=cluster.gateway.models_claim, read_only=True
+                    ),
+                ),
+                workload_identity.workload_api_volume(),
                 base.empty_dir("tmp", "256Mi"),
             ],
             priority_class=base.PRIORITY_SERVING,
         )
-        # The service account names the pod to SPIRE; the gateway never calls the API
-        # server, so it gets no token (pod_spec mounts one whenever an account is named).
-        pod.automount_service_account_token = False
-        if args.keycloak_ip is not None:
-            issuer_host = urlsplit(str(profile.identity.issuer)).hostname or ""
-            pod.host_aliases = [
-                k8s.core.v1.HostAliasArgs(ip=args.keycloak_ip, hostnames=[issuer_host])
-            ]
         self.deployment = k8s.apps.v1.Deployment(
             f"{ns}-{APP}",
             metadata=base.metadata(APP, ns, COMPONENT),
@@ -238,7 +261,20 @@ class Gateway(pulumi.ComponentResource):
             opts=base.child(self, ignore_changes=["spec.replicas"]),
         )
         self.service = base.service(APP, ns, COMPONENT, [("http", port)], self)
-        self.ingress = self._ingress(settings, profile.gateway.max_body_bytes)
+        self.ingress = base.ingress(
+            APP,
+            ns,
+            COMPONENT,
+            self,
+            host=cluster.ingress.host,
+            tls_secret=cluster.ingress.tls_secret,
+            class_name=cluster.ingress.class_name,
+            port_name="http",
+            annotations={
+                INGRESS_BUFFERING: "off",
+                INGRESS_BODY_SIZE: str(profile.gateway.max_body_bytes),
+            },
+        )
         self.autoscaler = k8s.autoscaling.v2.HorizontalPodAutoscaler(
             f"{ns}-{APP}",
             metadata=base.metadata(APP, ns, COMPONENT),
@@ -263,15 +299,7 @@ class Gateway(pulumi.ComponentResource):
             ),
             opts=base.child(self),
         )
-        self.disruption_budget = k8s.policy.v1.PodDisruptionBudget(
-            f"{ns}-{APP}",
-            metadata=base.metadata(APP, ns, COMPONENT),
-            spec=k8s.policy.v1.PodDisruptionBudgetSpecArgs(
-                max_unavailable=1,
-                selector=k8s.meta.v1.LabelSelectorArgs(match_labels=base.selector(APP)),
-            ),
-            opts=base.child(self),
-        )
+        self.disruption_budget = base.pdb(APP, ns, COMPONENT, self, max_unavailable=1)
         self.network_policy = base.allow(
             APP,
             ns,
@@ -302,53 +330,10 @@ class Gateway(pulumi.ComponentResource):
         return [
             base.dns_egress(),
             to(POLICY_NAMESPACE, OPA_SERVICE, OPA_PORT),
-            to(IDENTITY_NAMESPACE, KEYCLOAK_APP, KEYCLOAK_HTTPS_PORT),
+            to(IDENTITY_NAMESPACE, KEYCLOAK_APP, base.KEYCLOAK_HTTPS_PORT),
             *(
                 to(RUNTIME_NAMESPACE, vllm_service_name(models[launch.model]), launch.port)
                 for launch in vllm_launches(settings.profile)
             ),
-            to(MEMORY_NAMESPACE, QDRANT_SERVICE, QDRANT_PORT, QDRANT_GRPC_PORT),
+            to(MEMORY_NAMESPACE, QDRANT_SERVICE, QDRANT_PORT, base.QDRANT_GRPC_PORT),
         ]
-
-    def _ingress(self, settings: StackSettings, max_body_bytes: int) -> k8s.networking.v1.Ingress:
-        ingress = settings.cluster.ingress
-        ns = GATEWAY_NAMESPACE
-        metadata = base.metadata(APP, ns, COMPONENT)
-        metadata.annotations = {
-            INGRESS_BUFFERING: "off",
-            INGRESS_BODY_SIZE: str(max_body_bytes),
-        }
-        return k8s.networking.v1.Ingress(
-            f"{ns}-{APP}",
-            metadata=metadata,
-            spec=k8s.networking.v1.IngressSpecArgs(
-                ingress_class_name=ingress.class_name,
-                tls=[
-                    k8s.networking.v1.IngressTLSArgs(
-                        hosts=[ingress.host], secret_name=ingress.tls_secret
-                    )
-                ],
-                rules=[
-                    k8s.networking.v1.IngressRuleArgs(
-                        host=ingress.host,
-                        http=k8s.networking.v1.HTTPIngressRuleValueArgs(
-                            paths=[
-                                k8s.networking.v1.HTTPIngressPathArgs(
-                                    path="/",
-                                    path_type="Prefix",
-                                    backend=k8s.networking.v1.IngressBackendArgs(
-                                        service=k8s.networking.v1.IngressServiceBackendArgs(
-                                            name=APP,
-                                            port=k8s.networking.v1.ServiceBackendPortArgs(
-                                                name="http"
-                                            ),
-                                        )
-                                    ),
-                                )
-                            ]
-                        ),
-                    )
-                ],
-            ),
-            opts=base.child(self),
-        )

@@ -22,23 +22,29 @@ from stacks.config import StackSettings
 
 COMPONENT = "identity"
 NAMESPACE = config.IDENTITY_NAMESPACE
-GATEWAY_APP = "sovereign-gateway"
 
 KEYCLOAK = config.KEYCLOAK_SERVICE
 KEYCLOAK_UID = 1000  # the user the Keycloak image is built for
-HTTPS_PORT = 8443
+HTTPS_PORT = base.KEYCLOAK_HTTPS_PORT
 MANAGEMENT_PORT = 9000
 SERVICE_PORT = 443
 # Infinispan's JGroups transport and its failure detection: the replicas share
 # authentication sessions over these, or a sign-in breaks when it lands on the other pod.
 CLUSTER_PORTS = (7800, 57800)
 REALM_CONFIG = "keycloak-realm"
-REALM_DIR = "/opt/keycloak/data/import"
+# Keycloak writes below its data directory at run time: the transaction recovery log
+# (data/transaction-logs, Keycloak 25+) and data/tmp. An emptyDir makes it writable on the
+# read-only root; the realm import is a read-only mount nested inside it.
+KEYCLOAK_DATA_DIR = "/opt/keycloak/data"
+REALM_DIR = f"{KEYCLOAK_DATA_DIR}/import"
 TLS_DIR = "/etc/keycloak/tls"
 ADMIN_CREDENTIALS = "keycloak-admin"
 ADMIN_USER = "admin"
 
 DATABASE = "keycloak-db"
+# The StatefulSet's governing Service must be headless (stable per-pod DNS); clients keep
+# the ClusterIP Service DATABASE. Both select the same pods, so one NetworkPolicy covers both.
+DATABASE_HEADLESS = f"{DATABASE}-headless"
 DATABASE_UID = 999  # `postgres` in the official image
 DATABASE_PORT = 5432
 DATABASE_NAME = "keycloak"
@@ -60,16 +66,6 @@ def issuer_origin(settings: StackSettings) -> tuple[str, str]:
             f"https://HOST{realm_path}, which the cluster's Keycloak serves"
         )
     return f"{parts.scheme}://{parts.netloc}", parts.hostname
-
-
-def https_probe(path: str, *, period: int = 10, failures: int = 3) -> k8s.core.v1.ProbeArgs:
-    # The management interface inherits Keycloak's TLS, so the kubelet must speak HTTPS.
-    return k8s.core.v1.ProbeArgs(
-        http_get=k8s.core.v1.HTTPGetActionArgs(path=path, port=MANAGEMENT_PORT, scheme="HTTPS"),
-        period_seconds=period,
-        failure_threshold=failures,
-        timeout_seconds=5,
-    )
 
 
 def secret_env(name: str, secret: str, key: str) -> k8s.core.v1.EnvVarArgs:
@@ -159,7 +155,7 @@ class Identity(pulumi.ComponentResource):
             metadata=base.metadata(DATABASE, NAMESPACE, COMPONENT),
             spec=k8s.apps.v1.StatefulSetSpecArgs(
                 replicas=1,
-                service_name=DATABASE,
+                service_name=DATABASE_HEADLESS,
                 selector=k8s.meta.v1.LabelSelectorArgs(match_labels=base.selector(DATABASE)),
                 template=k8s.core.v1.PodTemplateSpecArgs(
                     metadata=k8s.meta.v1.ObjectMetaArgs(labels=base.labels(COMPONENT, DATABASE)),
@@ -191,6 +187,15 @@ class Identity(pulumi.ComponentResource):
             opts=base.child(self, protect=settings.protect),
         )
         base.service(DATABASE, NAMESPACE, COMPONENT, [("postgres", DATABASE_PORT)], self)
+        base.service(
+            DATABASE_HEADLESS,
+            NAMESPACE,
+            COMPONENT,
+            [("postgres", DATABASE_PORT)],
+            self,
+            app=DATABASE,
+            headless=True,
+        )
         base.allow(
             DATABASE,
             NAMESPACE,
@@ -240,15 +245,19 @@ class Identity(pulumi.ComponentResource):
                 secret_env("KC_BOOTSTRAP_ADMIN_PASSWORD", ADMIN_CREDENTIALS, "password"),
             ],
             mounts=[
+                # The parent before the nested realm mount inside it.
+                base.volume_mount("data", KEYCLOAK_DATA_DIR),
                 base.volume_mount("realm", REALM_DIR, read_only=True),
                 base.volume_mount("tls", TLS_DIR, read_only=True),
-                base.volume_mount("data-tmp", "/opt/keycloak/data/tmp"),
                 base.volume_mount("tmp", "/tmp"),  # noqa: S108 (an emptyDir)
             ],
+            # The management interface inherits Keycloak's TLS, so the kubelet speaks HTTPS.
             # The realm import and the schema migration run before /health/started.
-            startup=https_probe("/health/started", period=5, failures=60),
-            readiness=https_probe("/health/ready"),
-            liveness=https_probe("/health/live", failures=6),
+            startup=base.http_probe(
+                "/health/started", MANAGEMENT_PORT, period=5, failures=60, scheme="HTTPS"
+            ),
+            readiness=base.http_probe("/health/ready", MANAGEMENT_PORT, scheme="HTTPS"),
+            liveness=base.http_probe("/health/live", MANAGEMENT_PORT, failures=6, scheme="HTTPS"),
             run_as_user=KEYCLOAK_UID,
         )
         k8s.apps.v1.Deployment(
@@ -267,7 +276,7 @@ class Identity(pulumi.ComponentResource):
                         volumes=[
                             base.config_map_volume("realm", REALM_CONFIG),
                             base.secret_volume("tls", cluster.ingress.identity_tls_secret),
-                            base.empty_dir("data-tmp", "256Mi"),
+                            base.empty_dir("data", "512Mi"),
                             base.empty_dir("tmp", "256Mi"),
                         ],
                     ),
@@ -275,54 +284,18 @@ class Identity(pulumi.ComponentResource):
             ),
             opts=base.child(self),
         )
-        k8s.policy.v1.PodDisruptionBudget(
-            f"{NAMESPACE}-{KEYCLOAK}",
-            metadata=base.metadata(KEYCLOAK, NAMESPACE, COMPONENT),
-            spec=k8s.policy.v1.PodDisruptionBudgetSpecArgs(
-                min_available=1,
-                selector=k8s.meta.v1.LabelSelectorArgs(match_labels=base.selector(KEYCLOAK)),
-            ),
-            opts=base.child(self),
-        )
-        k8s.networking.v1.Ingress(
-            f"{NAMESPACE}-{KEYCLOAK}",
-            metadata=k8s.meta.v1.ObjectMetaArgs(
-                name=KEYCLOAK,
-                namespace=NAMESPACE,
-                labels=base.labels(COMPONENT, KEYCLOAK),
-                # Keycloak serves TLS only; the controller re-encrypts to it.
-                annotations={"nginx.ingress.kubernetes.io/backend-protocol": "HTTPS"},
-            ),
-            spec=k8s.networking.v1.IngressSpecArgs(
-                ingress_class_name=cluster.ingress.class_name,
-                tls=[
-                    k8s.networking.v1.IngressTLSArgs(
-                        hosts=[self.issuer_host], secret_name=cluster.ingress.identity_tls_secret
-                    )
-                ],
-                rules=[
-                    k8s.networking.v1.IngressRuleArgs(
-                        host=self.issuer_host,
-                        http=k8s.networking.v1.HTTPIngressRuleValueArgs(
-                            paths=[
-                                k8s.networking.v1.HTTPIngressPathArgs(
-                                    path="/",
-                                    path_type="Prefix",
-                                    backend=k8s.networking.v1.IngressBackendArgs(
-                                        service=k8s.networking.v1.IngressServiceBackendArgs(
-                                            name=KEYCLOAK,
-                                            port=k8s.networking.v1.ServiceBackendPortArgs(
-                                                name="https"
-                                            ),
-                                        )
-                                    ),
-                                )
-                            ]
-                        ),
-                    )
-                ],
-            ),
-            opts=base.child(self),
+        base.pdb(KEYCLOAK, NAMESPACE, COMPONENT, self, min_available=1)
+        base.ingress(
+            KEYCLOAK,
+            NAMESPACE,
+            COMPONENT,
+            self,
+            host=self.issuer_host,
+            tls_secret=cluster.ingress.identity_tls_secret,
+            class_name=cluster.ingress.class_name,
+            port_name="https",
+            # Keycloak serves TLS only; the controller re-encrypts to it.
+            annotations={"nginx.ingress.kubernetes.io/backend-protocol": "HTTPS"},
         )
         peers = [base.pod_peer(NAMESPACE, KEYCLOAK)]
         base.allow(
@@ -334,7 +307,7 @@ class Identity(pulumi.ComponentResource):
             ingress=[
                 k8s.networking.v1.NetworkPolicyIngressRuleArgs(
                     from_=[
-                        base.pod_peer(config.GATEWAY_NAMESPACE, GATEWAY_APP),
+                        base.pod_peer(config.GATEWAY_NAMESPACE, base.GATEWAY_APP),
                         base.namespace_peer(cluster.ingress.controller_namespace),
                     ],
                     ports=base.tcp(HTTPS_PORT),

@@ -3,10 +3,10 @@
 A StatefulSet (one PersistentVolumeClaim each for the collections and the snapshots),
 a Service the gateway reaches it through, a headless Service that gives each pod a
 stable name (Qdrant's peers find each other by it when clustered), a PodDisruptionBudget,
-and a CronJob that asks Qdrant for a full snapshot on the profile's schedule. Only the
-gateway and the snapshot job may reach Qdrant; Qdrant itself talks to nothing but its
-peers. The chunks Qdrant stores are sealed by the gateway, so the store never holds
-plain text.
+and a CronJob that asks every Qdrant peer for a full snapshot on the profile's schedule
+and keeps each peer's newest few. Only the gateway and the snapshot job may reach Qdrant;
+Qdrant itself talks to nothing but its peers. The chunks Qdrant stores are sealed by the
+gateway, so the store never holds plain text.
 """
 
 from __future__ import annotations
@@ -29,8 +29,7 @@ COMPONENT = "memory"
 APP = QDRANT_SERVICE
 HEADLESS = f"{QDRANT_SERVICE}-headless"
 SNAPSHOT = "qdrant-snapshot"
-GATEWAY_APP = "sovereign-gateway"
-GRPC_PORT = 6334
+GRPC_PORT = base.QDRANT_GRPC_PORT
 P2P_PORT = 6335
 # The qdrant image's unprivileged user; its files in /qdrant belong to it.
 QDRANT_UID = 1000
@@ -44,6 +43,27 @@ SNAPSHOT_RESOURCES = base.Resources(cpu="50m", memory="32Mi", cpu_limit="200m", 
 JOB_HISTORY = 3
 # A snapshot of a large collection takes a while; a job still running after this is stuck.
 SNAPSHOT_DEADLINE_SECONDS = 3600
+# Full snapshots each peer keeps; the job deletes older ones so the volume never fills.
+SNAPSHOTS_KEPT = 7
+# Takes a full snapshot on each host given as an argument, then deletes all but that
+# host's newest SNAPSHOTS_KEPT. Full snapshots are node-local, so a cluster needs every
+# peer's. POSIX sh with grep and sed (the curl image has no jq). Qdrant names full
+# snapshots full-snapshot-YYYY-MM-DD-HH-MM-SS.snapshot, so sorting by name sorts by age.
+SNAPSHOT_SCRIPT = (
+    "set -eu\n"
+    f"keep={SNAPSHOTS_KEPT}\n"
+    'for host in "$@"; do\n'
+    f'  url="http://$host:{QDRANT_PORT}/snapshots"\n'
+    '  curl -fsS --retry 3 -X POST "$url?wait=true" >/dev/null\n'
+    '  list=$(curl -fsS --retry 3 "$url")\n'
+    '  old=$(printf \'%s\\n\' "$list" | grep -o \'"name": *"[^"]*"\' \\\n'
+    '    | sed \'s/^"name": *"//; s/"$//\' | sort -r | sed "1,${keep}d")\n'
+    "  for name in $old; do\n"
+    '    curl -fsS --retry 3 -X DELETE "$url/$name?wait=true" >/dev/null\n'
+    "  done\n"
+    '  echo "$host: snapshot taken, older than the newest $keep deleted"\n'
+    "done\n"
+)
 
 
 @dataclass(frozen=True)
@@ -68,8 +88,12 @@ def cluster_script() -> str:
     )
 
 
-def snapshot_url() -> str:
-    return f"http://{QDRANT_SERVICE}.{MEMORY_NAMESPACE}.svc.cluster.local:{QDRANT_PORT}/snapshots"
+def snapshot_hosts(replicas: int) -> list[str]:
+    """Every peer by its own name: the Service would snapshot whichever pod it picked."""
+    return [
+        f"{APP}-{ordinal}.{HEADLESS}.{MEMORY_NAMESPACE}.svc.cluster.local"
+        for ordinal in range(replicas)
+    ]
 
 
 class Memory(pulumi.ComponentResource):
@@ -85,22 +109,17 @@ class Memory(pulumi.ComponentResource):
         self.service = base.service(
             QDRANT_SERVICE, ns, COMPONENT, [("http", QDRANT_PORT), ("grpc", GRPC_PORT)], self
         )
-        # Not base.service: peers must resolve each other before any is ready (a Qdrant
-        # node reports ready only once it has joined the cluster's consensus).
-        self.headless = k8s.core.v1.Service(
-            f"{ns}-{HEADLESS}",
-            metadata=base.metadata(HEADLESS, ns, COMPONENT, APP),
-            spec=k8s.core.v1.ServiceSpecArgs(
-                type="ClusterIP",
-                cluster_ip="None",
-                publish_not_ready_addresses=True,
-                selector=base.selector(APP),
-                ports=[
-                    k8s.core.v1.ServicePortArgs(name=port_name, port=port, target_port=port_name)
-                    for port_name, port in self._ports(clustered)
-                ],
-            ),
-            opts=base.child(self),
+        # Peers must resolve each other before any is ready (a Qdrant node reports ready
+        # only once it has joined the cluster's consensus).
+        self.headless = base.service(
+            HEADLESS,
+            ns,
+            COMPONENT,
+            self._ports(clustered),
+            self,
+            app=APP,
+            headless=True,
+            publish_not_ready=True,
         )
 
         env = [
@@ -145,8 +164,10 @@ class Memory(pulumi.ComponentResource):
             spec=k8s.apps.v1.StatefulSetSpecArgs(
                 replicas=qdrant.replicas,
                 service_name=HEADLESS,
-                # Peers start together; each waits for the founder on its own.
-                pod_management_policy="Parallel" if clustered else "OrderedReady",
+                # Peers start together; each waits for the founder on its own. Parallel
+                # whatever the replica count: the field is immutable, so scaling a single
+                # node out to a cluster must not need it changed.
+                pod_management_policy="Parallel",
                 selector=k8s.meta.v1.LabelSelectorArgs(match_labels=base.selector(APP)),
                 template=k8s.core.v1.PodTemplateSpecArgs(
                     metadata=k8s.meta.v1.ObjectMetaArgs(labels=base.labels(COMPONENT, APP)),
@@ -161,26 +182,20 @@ class Memory(pulumi.ComponentResource):
                 ),
                 volume_claim_templates=[
                     self._claim("storage", qdrant.storage, settings),
-                    # A full snapshot can be as large as the collections themselves.
+                    # A full snapshot can be as large as the collections themselves. The
+                    # profile has no size of its own for snapshots (cluster.qdrant holds
+                    # storage alone), so they get as much; the job prunes to SNAPSHOTS_KEPT.
                     self._claim("snapshots", qdrant.storage, settings),
                 ],
             ),
             opts=base.child(self, protect=settings.protect),
         )
-        self.disruption_budget = k8s.policy.v1.PodDisruptionBudget(
-            f"{ns}-{APP}",
-            metadata=base.metadata(APP, ns, COMPONENT),
-            spec=k8s.policy.v1.PodDisruptionBudgetSpecArgs(
-                max_unavailable=1,
-                selector=k8s.meta.v1.LabelSelectorArgs(match_labels=base.selector(APP)),
-            ),
-            opts=base.child(self),
-        )
+        self.disruption_budget = base.pdb(APP, ns, COMPONENT, self, max_unavailable=1)
         self.snapshot_job = self._snapshot_cron_job(settings)
 
         ingress = [
             k8s.networking.v1.NetworkPolicyIngressRuleArgs(
-                from_=[base.pod_peer(GATEWAY_NAMESPACE, GATEWAY_APP)],
+                from_=[base.pod_peer(GATEWAY_NAMESPACE, base.GATEWAY_APP)],
                 ports=base.tcp(QDRANT_PORT, GRPC_PORT),
             ),
             k8s.networking.v1.NetworkPolicyIngressRuleArgs(
@@ -243,7 +258,13 @@ class Memory(pulumi.ComponentResource):
             SNAPSHOT,
             settings.image("snapshot"),
             SNAPSHOT_RESOURCES,
-            command=["curl", "-fsS", "--retry", "3", "-X", "POST", snapshot_url()],
+            command=[
+                "/bin/sh",
+                "-c",
+                SNAPSHOT_SCRIPT,
+                SNAPSHOT,
+                *snapshot_hosts(settings.cluster.qdrant.replicas),
+            ],
         )
         return k8s.batch.v1.CronJob(
             f"{ns}-{SNAPSHOT}",

@@ -31,7 +31,6 @@ NAMESPACES = (
 )
 PSS = "pod-security.kubernetes.io"
 DEFAULT_DENY = "default-deny"
-GPU_RESOURCE = "nvidia.com/gpu"
 
 # Kata boots a small VM per pod; its memory and vCPU are charged to the pod so that the
 # scheduler and the quotas see what the node really spends.
@@ -60,6 +59,8 @@ class Budget:
     cpu_limit_m: int
     memory_limit_mi: int
     gpus: int | None = None
+    # The extended resource the GPUs are counted in (cluster.gpu_resource).
+    gpu_resource: str = "nvidia.com/gpu"
     # Added to the pod figures: the GPU pods' CPU and memory scale with the GPUs.
     extra_cpu_m: int = 0
     extra_memory_mi: int = 0
@@ -78,7 +79,7 @@ class Budget:
             "services.nodeports": "0",
         }
         if self.gpus is not None:
-            hard[f"requests.{GPU_RESOURCE}"] = str(self.gpus)
+            hard[f"requests.{self.gpu_resource}"] = str(self.gpus)
         return hard
 
     def container_max(self) -> dict[str, str]:
@@ -127,6 +128,7 @@ def budgets(settings: StackSettings) -> dict[str, Budget]:
             2000,
             4096,
             gpus=gpus,
+            gpu_resource=cluster.gpu_resource,
             extra_cpu_m=gpus * CPU_PER_GPU_M,
             extra_memory_mi=gpus * MEMORY_PER_GPU_MI,
             max_cpu_m=max(per_node * CPU_PER_GPU_M, 2000),

@@ -16,13 +16,14 @@ import pulumi_kubernetes as k8s
 
 from sovereign.render.policy import render
 from stacks import config
-from stacks.components import base
+from stacks.components import base, workload_identity
 from stacks.config import StackSettings
 
 COMPONENT = "policy"
 NAMESPACE = config.POLICY_NAMESPACE
 OPA = config.OPA_SERVICE
-GATEWAY_APP = "sovereign-gateway"
+# The account names the pods to SPIRE (their SPIFFE ID); OPA never calls the API server.
+SERVICE_ACCOUNT = workload_identity.OPA_SERVICE_ACCOUNT
 POLICY_CONFIG = "opa-policy"
 POLICY_DIR = "/policy"
 # What render() puts in front of every file; inside the pod the files sit under POLICY_DIR.
@@ -90,10 +91,15 @@ class Policy(pulumi.ComponentResource):
             base.Resources(cpu="250m", memory="256Mi", cpu_limit="1", memory_limit="512Mi"),
             args=ARGS,
             ports=[("http", config.OPA_PORT), ("diagnostic", DIAGNOSTIC_PORT)],
-            mounts=[base.volume_mount("policy", POLICY_DIR, read_only=True)],
+            env=[workload_identity.workload_api_env()],
+            mounts=[
+                base.volume_mount("policy", POLICY_DIR, read_only=True),
+                workload_identity.workload_api_mount(),
+            ],
             readiness=base.http_probe("/health", DIAGNOSTIC_PORT, period=5),
             liveness=base.http_probe("/health", DIAGNOSTIC_PORT, failures=6),
         )
+        base.service_account(SERVICE_ACCOUNT, NAMESPACE, COMPONENT, self)
         k8s.apps.v1.Deployment(
             f"{NAMESPACE}-{OPA}",
             metadata=base.metadata(OPA, NAMESPACE, COMPONENT),
@@ -109,6 +115,8 @@ class Policy(pulumi.ComponentResource):
                         [container],
                         runtime_class=settings.runtime_class(),
                         priority_class=base.PRIORITY_CONTROL,
+                        service_account=SERVICE_ACCOUNT,
+                        automount_token=False,
                         volumes=[
                             k8s.core.v1.VolumeArgs(
                                 name="policy",
@@ -120,7 +128,8 @@ class Policy(pulumi.ComponentResource):
                                         for key, (path, _) in entries.items()
                                     ],
                                 ),
-                            )
+                            ),
+                            workload_identity.workload_api_volume(),
                         ],
                     ),
                 ),
@@ -128,15 +137,7 @@ class Policy(pulumi.ComponentResource):
             opts=base.child(self),
         )
         base.service(OPA, NAMESPACE, COMPONENT, [("http", config.OPA_PORT)], self)
-        k8s.policy.v1.PodDisruptionBudget(
-            f"{NAMESPACE}-{OPA}",
-            metadata=base.metadata(OPA, NAMESPACE, COMPONENT),
-            spec=k8s.policy.v1.PodDisruptionBudgetSpecArgs(
-                min_available=1,
-                selector=k8s.meta.v1.LabelSelectorArgs(match_labels=base.selector(OPA)),
-            ),
-            opts=base.child(self),
-        )
+        base.pdb(OPA, NAMESPACE, COMPONENT, self, min_available=1)
         base.allow(
             OPA,
             NAMESPACE,
@@ -145,7 +146,7 @@ class Policy(pulumi.ComponentResource):
             self,
             ingress=[
                 k8s.networking.v1.NetworkPolicyIngressRuleArgs(
-                    from_=[base.pod_peer(config.GATEWAY_NAMESPACE, GATEWAY_APP)],
+                    from_=[base.pod_peer(config.GATEWAY_NAMESPACE, base.GATEWAY_APP)],
                     ports=base.tcp(config.OPA_PORT),
                 )
             ],

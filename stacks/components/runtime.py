@@ -5,7 +5,9 @@ vLLM renderer (`sovereign.render.vllm`), so a datacenter serves a model the way 
 node does, a Service at the URL the gateway's config routes to, and a NetworkPolicy that
 admits the gateway alone and lets the server reach nothing: the weights come read-only
 from the imported bundle's volume and Hugging Face stays offline, so vLLM needs no DNS.
-GPU pods run under the sandbox RuntimeClass unless the profile names runc explicitly.
+GPU pods run under the sandbox RuntimeClass unless the profile names runc explicitly, or
+under the cluster's own GPU RuntimeClass (`cluster.gpu_runtime_class`, e.g. the GPU
+operator's kata-qemu-nvidia-gpu) and request the cluster's GPU resource.
 """
 
 from __future__ import annotations
@@ -24,12 +26,12 @@ from sovereign.render.vllm import (
     vllm_service_name,
     vllm_service_url,
 )
-from stacks.components import base
+from stacks.components import base, workload_identity
 from stacks.config import GATEWAY_NAMESPACE, RUNTIME_NAMESPACE, StackSettings
 
 COMPONENT = "runtime"
-GATEWAY_APP = "sovereign-gateway"
-GPU_RESOURCE = "nvidia.com/gpu"
+# One account for every vLLM server: it names them to SPIRE; none calls the API server.
+SERVICE_ACCOUNT = workload_identity.VLLM_SERVICE_ACCOUNT
 # Host resources per GPU: loading weights and tokenizing for a whole GPU's batch need both.
 CPU_PER_GPU = 4
 MEMORY_GIB_PER_GPU = 32
@@ -64,11 +66,13 @@ class RuntimeArgs:
     settings: StackSettings
 
 
-def resources(gpus: int) -> base.Resources:
+def resources(gpus: int, gpu_resource: str) -> base.Resources:
+    """`gpu_resource` is the cluster's: nvidia.com/gpu, or nvidia.com/pgpu when the GPU
+    operator passes whole GPUs through to Kata guests."""
     return base.Resources(
         cpu=str(CPU_PER_GPU * gpus),
         memory=f"{MEMORY_GIB_PER_GPU * gpus}Gi",
-        extended={GPU_RESOURCE: str(gpus)},
+        extended={gpu_resource: str(gpus)},
     )
 
 
@@ -87,7 +91,10 @@ class Runtime(pulumi.ComponentResource):
         self.service_urls: dict[str, str] = {}
         self.deployments: dict[str, k8s.apps.v1.Deployment] = {}
         self.services: dict[str, k8s.core.v1.Service] = {}
-        for launch in vllm_launches(settings.profile):
+        launches = vllm_launches(settings.profile)
+        if launches:
+            base.service_account(SERVICE_ACCOUNT, RUNTIME_NAMESPACE, COMPONENT, self)
+        for launch in launches:
             model = models[launch.model]
             app = vllm_service_name(model)
             url = vllm_service_url(model)
@@ -107,7 +114,7 @@ class Runtime(pulumi.ComponentResource):
                 self,
                 ingress=[
                     k8s.networking.v1.NetworkPolicyIngressRuleArgs(
-                        from_=[base.pod_peer(GATEWAY_NAMESPACE, GATEWAY_APP)],
+                        from_=[base.pod_peer(GATEWAY_NAMESPACE, base.GATEWAY_APP)],
                         ports=base.tcp(launch.port),
                     )
                 ],
@@ -125,11 +132,15 @@ class Runtime(pulumi.ComponentResource):
                 f"model {model.name!r}: {launch.weights} is outside the model volume at "
                 f"{BUNDLE_ROOT}; a datacenter loads weights from bundle:<path> sources"
             )
-        env = {**CACHE_ENV, **launch.env}
+        env = {
+            **CACHE_ENV,
+            **launch.env,
+            workload_identity.WORKLOAD_API_ENV: workload_identity.WORKLOAD_API_SOCKET,
+        }
         container = base.container(
             "vllm",
             settings.image("vllm"),
-            resources(launch.gpus),
+            resources(launch.gpus, settings.cluster.gpu_resource),
             command=[launch.argv[0]],
             args=list(launch.argv[1:]),
             ports=[("http", launch.port)],
@@ -139,6 +150,7 @@ class Runtime(pulumi.ComponentResource):
                 base.volume_mount("cache", CACHE_PATH),
                 base.volume_mount("tmp", "/tmp"),  # noqa: S108 - an emptyDir of its own
                 base.volume_mount("shm", "/dev/shm"),  # noqa: S108 - a Memory emptyDir of its own
+                workload_identity.workload_api_mount(),
             ],
             readiness=base.http_probe("/health", launch.port),
             liveness=base.http_probe("/health", launch.port, period=30, failures=3),
@@ -160,6 +172,8 @@ class Runtime(pulumi.ComponentResource):
                     spec=base.pod_spec(
                         [container],
                         runtime_class=settings.runtime_class(gpu=True),
+                        service_account=SERVICE_ACCOUNT,
+                        automount_token=False,
                         volumes=[
                             k8s.core.v1.VolumeArgs(
                                 name="models",
@@ -172,12 +186,15 @@ class Runtime(pulumi.ComponentResource):
                             base.empty_dir(
                                 "shm", f"{SHM_GIB_PER_GPU * launch.gpus}Gi", memory=True
                             ),
+                            workload_identity.workload_api_volume(),
                         ],
                         priority_class=base.PRIORITY_SERVING,
                         node_selector=GPU_NODE_SELECTOR,
                         tolerations=[
                             k8s.core.v1.TolerationArgs(
-                                key=GPU_RESOURCE, operator="Exists", effect="NoSchedule"
+                                key=base.GPU_TOLERATION_KEY,
+                                operator="Exists",
+                                effect="NoSchedule",
                             )
                         ],
                     ),

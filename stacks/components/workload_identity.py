@@ -49,9 +49,7 @@ API_SERVER_PORTS = (443, 6443)
 # Only ClusterSPIFFEIDs of this class are reconciled, so nothing else in the cluster can
 # mint identities in this trust domain through our controller manager.
 CLASS_NAME = "sovereign"
-SPIFFE_ID_TEMPLATE = (
-    "spiffe://{{ .TrustDomain }}/ns/{{ .PodMeta.Namespace }}/sa/{{ .PodSpec.ServiceAccountName }}"
-)
+SPIFFE_ID_PREFIX = "spiffe://{{ .TrustDomain }}"
 PSAT_AUDIENCE = "spire-server"
 LEADER_ELECTION_LEASE = "sovereign-spire-controller-manager"
 
@@ -74,7 +72,28 @@ SERVICE_ACCOUNT_CA = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
 
 # Host paths the node agents share with the kubelet and with each other.
 AGENT_SOCKET_DIR = "/run/spire/agent-sockets"
-AGENT_SOCKET = f"{AGENT_SOCKET_DIR}/spire-agent.sock"
+# The CSI driver bind-mounts AGENT_SOCKET_DIR into each pod, so a pod sees the agent's
+# socket under this same file name.
+AGENT_SOCKET_NAME = "spire-agent.sock"
+AGENT_SOCKET = f"{AGENT_SOCKET_DIR}/{AGENT_SOCKET_NAME}"
+
+# Where the gateway, vLLM and OPA pods find the Workload API: a read-only CSI ephemeral
+# volume of the SPIFFE CSI driver, no hostPath. go-spiffe and py-spiffe read the address
+# from SPIFFE_ENDPOINT_SOCKET.
+# Sandboxes: under Kata the volume is shared into the guest over virtio-fs, through which
+# a host unix socket does not connect; gVisor connects to it only when runsc runs with
+# --host-uds=open. Sandboxed pods therefore get their SVIDs only where the runtime
+# supports host sockets; elsewhere the mount is present and the socket refuses connections.
+WORKLOAD_API_VOLUME = "spiffe-workload-api"
+WORKLOAD_API_DIR = "/run/spire/sockets"
+WORKLOAD_API_ENV = "SPIFFE_ENDPOINT_SOCKET"
+WORKLOAD_API_SOCKET = f"unix://{WORKLOAD_API_DIR}/{AGENT_SOCKET_NAME}"
+
+# The service accounts the registered workloads run as: the SPIFFE ID names them, and a
+# pod under any other account (`default` included) gets no SVID.
+GATEWAY_SERVICE_ACCOUNT = base.GATEWAY_APP
+VLLM_SERVICE_ACCOUNT = "vllm"
+OPA_SERVICE_ACCOUNT = "opa"
 CSI_PLUGIN_DIR = f"/var/lib/kubelet/plugins/{CSI_DRIVER}"
 KUBELET_PODS_DIR = "/var/lib/kubelet/pods"
 KUBELET_REGISTRY_DIR = "/var/lib/kubelet/plugins_registry"
@@ -234,6 +253,11 @@ class Registration:
     namespace: str
     pod_labels: dict[str, str]
 
+    service_account: str
+
+    def spiffe_id_template(self) -> str:
+        return f"{SPIFFE_ID_PREFIX}/ns/{self.namespace}/sa/{self.service_account}"
+
 
 def registrations() -> tuple[Registration, ...]:
     part_of = {"app.kubernetes.io/part-of": base.PART_OF}
@@ -241,16 +265,22 @@ def registrations() -> tuple[Registration, ...]:
         Registration(
             "sovereign-gateway",
             GATEWAY_NAMESPACE,
-            {**part_of, "app.kubernetes.io/name": "sovereign-gateway"},
+            {**part_of, "app.kubernetes.io/name": base.GATEWAY_APP},
+            GATEWAY_SERVICE_ACCOUNT,
         ),
-        # One Deployment per model, each its own name: the component label covers them all.
+        # One Deployment per model, each its own name, all under one account: the
+        # component label covers them all.
         Registration(
             "sovereign-vllm",
             RUNTIME_NAMESPACE,
             {**part_of, "app.kubernetes.io/component": "runtime"},
+            VLLM_SERVICE_ACCOUNT,
         ),
         Registration(
-            "sovereign-opa", POLICY_NAMESPACE, {**part_of, "app.kubernetes.io/name": "opa"}
+            "sovereign-opa",
+            POLICY_NAMESPACE,
+            {**part_of, "app.kubernetes.io/name": "opa"},
+            OPA_SERVICE_ACCOUNT,
         ),
     )
 
@@ -258,12 +288,33 @@ def registrations() -> tuple[Registration, ...]:
 def cluster_spiffe_id_spec(registration: Registration) -> dict[str, Any]:
     return {
         "className": CLASS_NAME,
-        "spiffeIDTemplate": SPIFFE_ID_TEMPLATE,
+        # The ID names the account outright rather than templating the pod's own: a pod
+        # that matched the labels under another account would otherwise get an ID of that
+        # account (`.../sa/default`), which nobody authorizes.
+        "spiffeIDTemplate": registration.spiffe_id_template(),
         "namespaceSelector": {
             "matchLabels": {"kubernetes.io/metadata.name": registration.namespace}
         },
         "podSelector": {"matchLabels": dict(registration.pod_labels)},
+        # The agent issues the SVID only to a workload that runs as that account.
+        "workloadSelectorTemplates": [f"k8s:sa:{registration.service_account}"],
     }
+
+
+def workload_api_volume() -> k8s.core.v1.VolumeArgs:
+    """The SPIFFE CSI driver's ephemeral volume holding the agent's Workload API socket."""
+    return k8s.core.v1.VolumeArgs(
+        name=WORKLOAD_API_VOLUME,
+        csi=k8s.core.v1.CSIVolumeSourceArgs(driver=CSI_DRIVER, read_only=True),
+    )
+
+
+def workload_api_mount() -> k8s.core.v1.VolumeMountArgs:
+    return base.volume_mount(WORKLOAD_API_VOLUME, WORKLOAD_API_DIR, read_only=True)
+
+
+def workload_api_env() -> k8s.core.v1.EnvVarArgs:
+    return k8s.core.v1.EnvVarArgs(name=WORKLOAD_API_ENV, value=WORKLOAD_API_SOCKET)
 
 
 @dataclass(frozen=True)

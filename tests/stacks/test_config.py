@@ -69,7 +69,7 @@ def test_a_missing_profile_is_refused_naming_the_key_and_the_render_command() ->
     with pytest.raises(stack_config.ConfigError) as error:
         _registered(flat)
     assert "sovereign:profile is not set" in str(error.value)
-    assert "sovereign render" in str(error.value)
+    assert "sovereign stack config" in str(error.value)
 
 
 def test_a_profile_that_is_not_a_mapping_is_refused() -> None:
@@ -121,7 +121,7 @@ def test_a_bad_field_set_only_in_the_engine_config_still_names_the_field(tmp_pat
         (lambda p: p.update(kind="edge"), "cluster is for kind datacenter"),
         (
             lambda p: (p.pop("cluster"), p["memory"].update(key_source="tpm")),
-            "cluster: missing; the stack needs the cluster section",
+            "no cluster section; the stack needs one",
         ),
         (
             lambda p: p["cluster"].update(registry="other.internal:5000"),
@@ -140,7 +140,33 @@ def test_a_bad_field_set_only_in_the_engine_config_still_names_the_field(tmp_pat
             lambda p: p["policy"].update(opa_url="http://opa.example:8181"),
             "is not the Policy component's OPA Service",
         ),
-        (lambda p: p["policy"].update(engine="embedded"), "the stack runs OPA; use remote"),
+        (lambda p: p["policy"].update(engine="embedded"), "the stack runs OPA servers"),
+        (
+            lambda p: p["identity"].update(
+                issuer="https://auth.dc1.internal/auth/realms/sovereign"
+            ),
+            "which the cluster's Keycloak serves",
+        ),
+        (
+            lambda p: p["audit"].update(signing_key="/var/lib/sovereign/audit/key"),
+            "audit.signing_key .* overlaps audit.path",
+        ),
+        (
+            lambda p: p["memory"].update(data_dir="/var/lib/sovereign/bundle/memory"),
+            "memory.data_dir .* overlaps cluster.gateway.models_claim",
+        ),
+        (
+            lambda p: p["policy"]["lock"].update(manifest="/etc/lock.json"),
+            "would be mounted over the image's own directory",
+        ),
+        (
+            lambda p: p["memory"]["embeddings"].update(source="pkg:minilm/model.onnx"),
+            "use a bundle: or hf: source on a cluster, not pkg:",
+        ),
+        (
+            lambda p: p["models"][0].update(source="file:/srv/models/llama"),
+            "use a bundle: or hf: source on a cluster, not file:",
+        ),
     ],
 )
 def test_profiles_the_stack_cannot_deploy_are_refused_before_any_resource(
@@ -164,3 +190,35 @@ def test_nothing_is_registered_when_the_config_is_bad() -> None:
     with pytest.raises(stack_config.ConfigError):
         synth(build, _with_profile(profile))
     assert created == []
+
+
+def test_a_problem_found_after_validation_names_its_line_in_the_stack_file(
+    tmp_path: Path,
+) -> None:
+    text = STACK_FILE.read_text().replace("engine: remote", "engine: embedded")
+    (tmp_path / STACK_FILE.name).write_text(text)
+    profile = _profile(datacenter_config())
+    profile["policy"]["engine"] = "embedded"
+    with pytest.raises(stack_config.ConfigError) as error:
+        _registered(_with_profile(profile), tmp_path)
+    rows = text.splitlines()
+    policy = rows.index("    policy:")
+    line = next(
+        n for n, row in enumerate(rows, 1) if n > policy and row.strip() == "engine: embedded"
+    )
+    assert f"{tmp_path / STACK_FILE.name}:{line}:" in str(error.value)
+    assert "sovereign:profile.policy.engine" in str(error.value)
+
+
+def test_the_whole_program_registers_nothing_for_a_profile_it_cannot_deploy() -> None:
+    """Checks run before the first resource: a bad profile leaves the cluster untouched."""
+    from stacks.program import deploy
+
+    profile = _profile(datacenter_config())
+    profile["audit"]["signing_key"] = "/etc/sovereign/audit.key"
+    profile["policy"]["lock"]["manifest"] = "/etc/sovereign/lock.json"
+    profile["policy"]["lock"]["public_key"] = "/etc/sovereign/lock.pub"
+    registered: list[Synthesized] = []
+    with pytest.raises(stack_config.ConfigError, match="overlaps"):
+        registered = synth(deploy, _with_profile(profile))
+    assert registered == []

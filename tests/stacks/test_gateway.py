@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import PurePosixPath
 from typing import Any
 
 import pytest
 from sovereign_gateway.config import GatewayConfig
 
+from sovereign.profile.derived import BUNDLE_ROOT
 from sovereign.render import vllm
 from stacks.components.base import PRIORITY_SERVING
 from stacks.components.gateway import Gateway, GatewayArgs
@@ -19,6 +21,7 @@ from stacks.config import (
     OPA_PORT,
     POLICY_NAMESPACE,
     RUNTIME_NAMESPACE,
+    ConfigError,
 )
 from stacks.synth import Synthesized
 from tests.stacks.harness import SECRETS, datacenter_config, synth
@@ -236,12 +239,129 @@ def test_lock_optional_when_not_required_and_split_directories() -> None:
     assert public_key["items"] == [{"key": "lock.pub", "path": "signer.pub"}]
 
 
-def test_overlapping_mounts_are_refused() -> None:
+def test_overlapping_mounts_are_refused_before_the_gateway_exists() -> None:
     def edit(profile: dict[str, Any]) -> None:
         profile["audit"]["signing_key"] = "/etc/sovereign/audit.key"
 
-    with pytest.raises(Exception, match="gateway mounts overlap"):
+    with pytest.raises(ConfigError, match="the gateway mounts each from its own volume"):
         run(profile_config(edit))
+
+
+def absolute_paths(node: Any, at: str = "") -> dict[str, str]:
+    """Every string of the config that is an absolute file path, by where it sits."""
+    if isinstance(node, dict):
+        return {
+            k: v
+            for key, value in node.items()
+            for k, v in absolute_paths(value, f"{at}.{key}").items()
+        }
+    if isinstance(node, list):
+        return {
+            k: v
+            for i, value in enumerate(node)
+            for k, v in absolute_paths(value, f"{at}[{i}]").items()
+        }
+    if isinstance(node, str) and node.startswith("/"):
+        return {at: node}
+    return {}
+
+
+def assert_every_path_is_mounted(resources: list[Synthesized]) -> dict[str, str]:
+    """Each absolute path the gateway's config names lies under one of its pod's mounts;
+    returns path -> the volume it lies on."""
+    config = json.loads(find(resources, "ConfigMap", APP)["data"]["config.json"])
+    (container,) = pod_of(resources)["containers"]
+    mounts = [PurePosixPath(m["mountPath"]) for m in container["volumeMounts"]]
+    names = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    paths = absolute_paths(config)
+    # Each of these must resolve inside the pod; a renderer change that drops one is a bug.
+    for field in (
+        ".memory.embeddings.weights",
+        ".memory.embeddings.tokenizer",
+        ".memory.data_dir",
+        ".audit.path",
+        ".audit.signing_key",
+        ".lock.manifest",
+        ".lock.public_key",
+    ):
+        assert field in paths, field
+    on: dict[str, str] = {}
+    for field, path in paths.items():
+        under = [m for m in mounts if PurePosixPath(path).is_relative_to(m)]
+        assert under, f"{field} = {path} lies on no volume of the gateway pod"
+        on[field] = names[str(max(under, key=lambda m: len(m.parts)))]
+    return on
+
+
+def test_every_config_path_lies_on_a_mount(default: tuple[list[Synthesized], Any]) -> None:
+    resources, _ = default
+    on = assert_every_path_is_mounted(resources)
+    assert on[".memory.embeddings.weights"] == "models"
+    assert on[".memory.embeddings.tokenizer"] == "models"
+
+
+def test_hf_embedding_sources_resolve_on_the_models_volume() -> None:
+    def edit(profile: dict[str, Any]) -> None:
+        embeddings = profile["memory"].setdefault("embeddings", {})
+        embeddings["source"] = "hf:sentence-transformers/all-MiniLM-L6-v2@abc123/onnx/model.onnx"
+        embeddings["tokenizer"] = "hf:sentence-transformers/all-MiniLM-L6-v2@abc123/tokenizer.json"
+
+    resources, _ = run(profile_config(edit))
+    on = assert_every_path_is_mounted(resources)
+    assert on[".memory.embeddings.weights"] == "models"
+
+
+def test_paths_off_every_mount_are_caught() -> None:
+    """The check above can fail: a config path outside the pod's mounts is reported."""
+    resources, _ = run()
+    configs = [r for r in resources if r.is_kubernetes and r.manifest()["kind"] == "ConfigMap"]
+    (config_map,) = configs
+    config = json.loads(config_map.manifest()["data"]["config.json"])
+    config["memory"]["embeddings"]["weights"] = "/root/.cache/sovereign/tools/minilm/model.onnx"
+    config_map.inputs["data"]["config.json"] = json.dumps(config)
+    with pytest.raises(AssertionError, match="lies on no volume"):
+        assert_every_path_is_mounted(resources)
+
+
+def test_models_volume_is_the_read_only_claim_at_the_bundle_root(
+    default: tuple[list[Synthesized], Any],
+) -> None:
+    resources, _ = default
+    pod = pod_of(resources)
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    (container,) = pod["containers"]
+    by_path = {m["mountPath"]: m for m in container["volumeMounts"]}
+    models = by_path[BUNDLE_ROOT]
+    assert models["readOnly"] is True
+    assert volumes[models["name"]]["persistentVolumeClaim"] == {
+        "claimName": "sovereign-gateway-models",
+        "readOnly": True,
+    }
+
+    def edit(profile: dict[str, Any]) -> None:
+        profile["cluster"]["gateway"]["models_claim"] = "embeddings-ro"
+
+    claims = [
+        v["persistentVolumeClaim"]["claimName"]
+        for v in pod_of(run(profile_config(edit))[0])["volumes"]
+        if "persistentVolumeClaim" in v
+    ]
+    assert sorted(claims) == ["embeddings-ro", "gateway-data"]
+
+
+def test_gateway_gets_the_spiffe_workload_api(default: tuple[list[Synthesized], Any]) -> None:
+    resources, _ = default
+    pod = pod_of(resources)
+    # The SPIFFE ID names this account; the pod must not run as `default`.
+    assert pod["serviceAccountName"] == APP
+    (volume,) = [v for v in pod["volumes"] if "csi" in v]
+    assert volume["csi"] == {"driver": "csi.spiffe.io", "readOnly": True}
+    (container,) = pod["containers"]
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == volume["name"]]
+    assert mount["mountPath"] == "/run/spire/sockets"
+    assert mount["readOnly"] is True
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["SPIFFE_ENDPOINT_SOCKET"] == "unix:///run/spire/sockets/spire-agent.sock"
 
 
 def test_passphrase_only_in_the_secret(default: tuple[list[Synthesized], Any]) -> None:

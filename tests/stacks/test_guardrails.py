@@ -24,9 +24,9 @@ NEGATIVE = FIXTURES / "negative"
 POSITIVE = FIXTURES / "positive"
 EXPECTED = NEGATIVE / "expected.yaml"
 REGISTRY = "registry.dc1.internal:5000"
-RULE_IDS = {f"K8S-{n:03d}" for n in range(1, 16)}
+RULE_IDS = {f"K8S-{n:03d}" for n in range(1, 22)}
 # The rules that need the whole set of manifests; an AdmissionReview carries one object.
-CROSS_OBJECT = {"K8S-014", "K8S-015"}
+CROSS_OBJECT = {"K8S-014", "K8S-015", "K8S-016"}
 MESSAGE = re.compile(r"^(K8S-\d{3}) [a-z-]+: \S")
 
 
@@ -58,8 +58,20 @@ def ids(messages: list[str]) -> set[str]:
     return {message.split(" ", 1)[0] for message in messages}
 
 
-def evaluate(items: list[dict[str, Any]], *, gpu_runc_allowed: bool = False) -> list[str]:
-    return guardrails.evaluate(items, registry=REGISTRY, gpu_runc_allowed=gpu_runc_allowed)
+def evaluate(
+    items: list[dict[str, Any]],
+    *,
+    gpu_runc_allowed: bool = False,
+    extra_runtime_classes: tuple[str, ...] = (),
+    gpu_resource: str = guardrails.DEFAULT_GPU_RESOURCE,
+) -> list[str]:
+    return guardrails.evaluate(
+        items,
+        registry=REGISTRY,
+        gpu_runc_allowed=gpu_runc_allowed,
+        extra_runtime_classes=extra_runtime_classes,
+        gpu_resource=gpu_resource,
+    )
 
 
 def admission(manifest: dict[str, Any], *, gpu_runc_allowed: bool = False) -> list[str]:
@@ -87,6 +99,21 @@ def test_the_brief_negative_fixtures_are_there() -> None:
     assert table["host-path-volume.yaml"] == ["K8S-009"]
     assert table["pod-without-runtime-class.yaml"] == ["K8S-010"]
     assert "K8S-008" in table["spire-agent-in-another-namespace.yaml"]
+    # One per bypass the review found.
+    assert table["namespace-outside-sovereign-privileged.yaml"] == ["K8S-013"]
+    assert table["namespace-outside-sovereign-without-default-deny.yaml"] == ["K8S-014", "K8S-015"]
+    assert table["workload-in-undeclared-namespace.yaml"] == ["K8S-016"]
+    assert table["replication-controller-privileged.yaml"] == ["K8S-001"]
+    assert table["pod-template-host-network.yaml"] == ["K8S-008"]
+    assert table["allow-all-network-policy.yaml"] == ["K8S-017"]
+    assert table["exempt-agent-host-root.yaml"] == ["K8S-009"]
+    assert "K8S-008" in table["daemonset-pod-in-another-namespace.yaml"]
+    assert table["host-port.yaml"] == ["K8S-018"]
+    assert table["apparmor-unconfined.yaml"] == ["K8S-019"]
+    assert table["unsafe-sysctl.yaml"] == ["K8S-020"]
+    assert table["unmasked-proc-mount.yaml"] == ["K8S-021"]
+    assert table["gpu-runtime-class-not-named.yaml"] == ["K8S-010"]
+    assert table["pgpu-pod-on-runc.yaml"] == ["K8S-010"]
 
 
 MANIFEST_FILES = sorted(p for p in FIXTURES.rglob("*.yaml") if p != EXPECTED)
@@ -102,7 +129,7 @@ def test_fixtures_are_valid_kubernetes(path: Path) -> None:
 def test_positive_set_passes() -> None:
     items = positive()
     kinds = {m["kind"] for m in items}
-    assert {"Namespace", "NetworkPolicy", "Deployment", "CronJob", "DaemonSet"} <= kinds
+    assert {"Namespace", "NetworkPolicy", "Deployment", "CronJob", "DaemonSet", "Pod"} <= kinds
     assert evaluate(items) == []
 
 
@@ -192,6 +219,8 @@ def test_guardrail_data_from_the_committed_stack() -> None:
     captured: list[guardrails.GuardrailData] = []
     synth(lambda settings: captured.append(guardrails.guardrail_data(settings)))
     assert captured == [guardrails.GuardrailData("registry.dc1.internal:5000", False)]
+    assert captured[0].extra_runtime_classes == ()
+    assert captured[0].gpu_resource == "nvidia.com/gpu"
 
 
 def test_guardrail_data_allows_runc_only_when_named() -> None:
@@ -202,3 +231,73 @@ def test_guardrail_data_allows_runc_only_when_named() -> None:
     captured: list[guardrails.GuardrailData] = []
     synth(lambda settings: captured.append(guardrails.guardrail_data(settings)), cfg)
     assert captured == [guardrails.GuardrailData("registry.dc1.internal:5000", True)]
+
+
+def test_undeclared_namespace_messages_name_the_namespace() -> None:
+    denials = evaluate(with_positive(load(NEGATIVE / "workload-in-undeclared-namespace.yaml")))
+    assert denials == [
+        "K8S-016 namespace-declared: Deployment default/stray is in namespace default, "
+        "which the set does not declare",
+        "K8S-016 namespace-declared: Deployment sovereign-shadow/shadow is in namespace "
+        "sovereign-shadow, which the set does not declare",
+    ]
+
+
+def test_every_open_network_policy_is_named() -> None:
+    denials = evaluate(with_positive(load(NEGATIVE / "allow-all-network-policy.yaml")))
+    named = {message.split(" ")[3] for message in denials}
+    assert named == {
+        "sovereign-app/open-ingress",
+        "sovereign-app/open-egress",
+        "sovereign-app/every-namespace",
+        "sovereign-app/every-address",
+    }
+    # Both the IPv4 and the IPv6 "every address" blocks.
+    assert sum("every-address" in message for message in denials) == 2
+
+
+def test_the_agent_pod_is_exempt_only_through_its_daemonset() -> None:
+    """The positive set's agent Pod passes; without its controller reference it does not."""
+    (pod,) = [m for m in positive() if m["kind"] == "Pod"]
+    assert admission(pod) == []
+    orphan = {
+        **pod,
+        "metadata": {k: v for k, v in pod["metadata"].items() if k != "ownerReferences"},
+    }
+    assert ids(admission(orphan)) == {"K8S-002", "K8S-008", "K8S-009", "K8S-010"}
+
+
+def test_a_named_gpu_runtime_class_passes() -> None:
+    items = with_positive(load(NEGATIVE / "gpu-runtime-class-not-named.yaml"))
+    assert evaluate(items, extra_runtime_classes=("kata-qemu-nvidia-gpu",)) == []
+    assert ids(evaluate(items, extra_runtime_classes=("kata-nvidia",))) == {"K8S-010"}
+
+
+def test_runc_for_gpus_follows_the_gpu_resource() -> None:
+    items = with_positive(load(NEGATIVE / "pgpu-pod-on-runc.yaml"))
+    assert ids(evaluate(items, gpu_runc_allowed=True)) == {"K8S-010"}
+    assert evaluate(items, gpu_runc_allowed=True, gpu_resource="nvidia.com/pgpu") == []
+    # The other GPU resource no longer unlocks runc.
+    gpu = with_positive(load(NEGATIVE / "gpu-pod-on-runc.yaml"))
+    assert ids(evaluate(gpu, gpu_runc_allowed=True, gpu_resource="nvidia.com/pgpu")) == {"K8S-010"}
+
+
+def test_guardrail_data_names_the_clusters_gpu_runtime_class_and_resource() -> None:
+    cfg = datacenter_config()
+    profile = json.loads(cfg["sovereign:profile"])
+    profile["cluster"]["gpu_runtime_class"] = "kata-qemu-nvidia-gpu"
+    profile["cluster"]["gpu_resource"] = "nvidia.com/pgpu"
+    cfg["sovereign:profile"] = json.dumps(profile)
+    captured: list[guardrails.GuardrailData] = []
+    synth(lambda settings: captured.append(guardrails.guardrail_data(settings)), cfg)
+    assert captured == [
+        guardrails.GuardrailData(
+            "registry.dc1.internal:5000",
+            False,
+            extra_runtime_classes=("kata-qemu-nvidia-gpu",),
+            gpu_resource="nvidia.com/pgpu",
+        )
+    ]
+    document = captured[0].document()["k8s"]["guardrails"]
+    assert document["extra_runtime_classes"] == ["kata-qemu-nvidia-gpu"]
+    assert document["gpu_resource"] == "nvidia.com/pgpu"

@@ -103,6 +103,7 @@ def test_inventory(built: Built) -> None:
             ("Secret", "keycloak-admin"),
             ("StatefulSet", "keycloak-db"),
             ("Service", "keycloak-db"),
+            ("Service", "keycloak-db-headless"),
             ("NetworkPolicy", "keycloak-db"),
             ("ConfigMap", "keycloak-realm"),
             ("Deployment", "keycloak"),
@@ -193,7 +194,18 @@ def test_no_secret_is_in_plaintext_outside_the_secrets(built: Built) -> None:
 def test_database_statefulset(built: Built) -> None:
     database = built.one("StatefulSet", "keycloak-db")
     assert database["spec"]["replicas"] == 1
-    assert database["spec"]["serviceName"] == "keycloak-db"
+    # The governing Service is headless (stable per-pod names); clients keep keycloak-db.
+    governing = built.one("Service", database["spec"]["serviceName"])
+    assert governing["metadata"]["name"] == "keycloak-db-headless"
+    assert governing["spec"]["clusterIP"] == "None"
+    assert governing["spec"]["selector"] == base.selector("keycloak-db")
+    assert [(p["name"], p["port"]) for p in governing["spec"]["ports"]] == [("postgres", 5432)]
+    clients = built.one("Service", "keycloak-db")
+    assert clients["spec"].get("clusterIP") != "None"
+    assert clients["spec"]["selector"] == governing["spec"]["selector"]
+    # One NetworkPolicy guards the pods behind both Services.
+    policy = built.one("NetworkPolicy", "keycloak-db")["spec"]
+    assert policy["podSelector"]["matchLabels"] == governing["spec"]["selector"]
     container = container_of(database)
     assert container["image"].startswith(POSTGRES_IMAGE)
     env = env_of(container)
@@ -292,11 +304,20 @@ def test_keycloak_mounts(built: Built) -> None:
     assert mounts[tls_dir]["readOnly"] is True
     assert volumes[mounts[tls_dir]["name"]]["secret"]["secretName"] == "keycloak-tls"
 
-    for path in ("/opt/keycloak/data/tmp", "/tmp"):
+    # Keycloak 25+ writes data/transaction-logs and data/tmp: the whole data directory is
+    # an emptyDir, with the realm import mounted read-only inside it.
+    for path in ("/opt/keycloak/data", "/tmp"):
         assert "emptyDir" in volumes[mounts[path]["name"]], path
+    paths = [m["mountPath"] for m in container["volumeMounts"]]
+    assert paths.index("/opt/keycloak/data") < paths.index("/opt/keycloak/data/import")
+    for written in ("/opt/keycloak/data/transaction-logs", "/opt/keycloak/data/tmp"):
+        under = [p for p in mounts if written.startswith(p.rstrip("/") + "/")]
+        deepest = max(under, key=len)
+        assert not mounts[deepest].get("readOnly"), written
+        assert "emptyDir" in volumes[mounts[deepest]["name"]], written
     # Nothing else is writable on the read-only root.
     writable = {path for path, mount in mounts.items() if not mount.get("readOnly")}
-    assert writable == {"/opt/keycloak/data/tmp", "/tmp"}
+    assert writable == {"/opt/keycloak/data", "/tmp"}
 
 
 def test_keycloak_probes_use_https_on_the_management_port(built: Built) -> None:

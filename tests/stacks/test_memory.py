@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from stacks.components.base import PRIORITY_BATCH, PRIORITY_SERVING
-from stacks.components.memory import Memory, MemoryArgs
+from stacks.components.memory import SNAPSHOT_SCRIPT, Memory, MemoryArgs
 from stacks.config import GATEWAY_NAMESPACE, MEMORY_NAMESPACE, QDRANT_PORT, QDRANT_SERVICE
 from stacks.synth import Synthesized
 from tests.stacks.harness import datacenter_config, synth
@@ -114,6 +118,8 @@ def test_statefulset(resources: list[Synthesized]) -> None:
     spec = sts["spec"]
     assert spec["replicas"] == 1
     assert spec["serviceName"] == "qdrant-headless"
+    # Immutable: a single node must already be Parallel, or scaling out needs a recreate.
+    assert spec["podManagementPolicy"] == "Parallel"
     pod = spec["template"]["spec"]
     assert_hardened(pod, "kata")
     assert pod["priorityClassName"] == PRIORITY_SERVING
@@ -192,15 +198,97 @@ def test_snapshot_cron_job(resources: list[Synthesized]) -> None:
     assert container["image"] == REGISTRY + (
         "curlimages/curl@sha256:86dd4126aa6e7a5830031296372443946fced45dd829fbc3d52c83db83942dbe"
     )
+    # A single node: the one pod, by its own name through the headless Service.
     assert container["command"] == [
-        "curl",
-        "-fsS",
-        "--retry",
-        "3",
-        "-X",
-        "POST",
-        f"http://qdrant.{MEMORY_NAMESPACE}.svc.cluster.local:6333/snapshots",
+        "/bin/sh",
+        "-c",
+        SNAPSHOT_SCRIPT,
+        "qdrant-snapshot",
+        f"qdrant-0.qdrant-headless.{MEMORY_NAMESPACE}.svc.cluster.local",
     ]
+
+
+def test_snapshot_job_snapshots_every_peer_in_cluster_mode(
+    clustered: list[Synthesized],
+) -> None:
+    (container,) = find(clustered, "CronJob", "qdrant-snapshot")["spec"]["jobTemplate"]["spec"][
+        "template"
+    ]["spec"]["containers"]
+    assert container["command"][4:] == [
+        f"qdrant-{i}.qdrant-headless.{MEMORY_NAMESPACE}.svc.cluster.local" for i in range(3)
+    ]
+    # Every peer answers on the port the snapshot job may reach.
+    policy = find(clustered, "NetworkPolicy", "qdrant-snapshot")["spec"]
+    assert [ports(rule) for rule in policy["egress"]][-1] == [("TCP", 6333)]
+
+
+FAKE_CURL = """#!/bin/sh
+# Records each call; answers GET /snapshots with the listing in $SNAPSHOTS_JSON.
+echo "$*" >> "$CALLS"
+case "$*" in
+  *"-X POST"*|*"-X DELETE"*) echo '{"result":true,"status":"ok"}' ;;
+  *) cat "$SNAPSHOTS_JSON" ;;
+esac
+"""
+
+
+def snapshot_listing(names: list[str]) -> str:
+    entries = ",".join(
+        f'{{"name":"{n}","creation_time":"2025-01-01T00:00:00","size":1,"checksum":"ab"}}'
+        for n in names
+    )
+    return f'{{"result":[{entries}],"status":"ok","time":0.001}}'
+
+
+@pytest.mark.skipif(shutil.which("sh") is None, reason="needs a POSIX sh")
+def test_snapshot_script_prunes_all_but_the_newest_seven(tmp_path: Path) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    curl = bin_dir / "curl"
+    curl.write_text(FAKE_CURL)
+    curl.chmod(0o755)
+    stamps = [f"2025-01-{day:02d}-02-15-00" for day in (3, 10, 1, 7, 9, 2, 5, 8, 4, 6)]
+    names = [f"full-snapshot-{stamp}.snapshot" for stamp in stamps]
+    listing = tmp_path / "snapshots.json"
+    listing.write_text(snapshot_listing(names))
+    calls = tmp_path / "calls"
+    env = {
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "CALLS": str(calls),
+        "SNAPSHOTS_JSON": str(listing),
+    }
+    hosts = ["qdrant-0.h", "qdrant-1.h"]
+    subprocess.run(
+        ["sh", "-c", SNAPSHOT_SCRIPT, "qdrant-snapshot", *hosts], env=env, check=True, timeout=30
+    )
+    lines = calls.read_text().splitlines()
+    oldest = [f"full-snapshot-2025-01-0{day}-02-15-00.snapshot" for day in (3, 2, 1)]
+    expected: list[str] = []
+    for host in hosts:
+        url = f"http://{host}:6333/snapshots"
+        expected += [
+            f"-fsS --retry 3 -X POST {url}?wait=true",
+            f"-fsS --retry 3 {url}",
+            *(f"-fsS --retry 3 -X DELETE {url}/{name}?wait=true" for name in oldest),
+        ]
+    assert lines == expected
+
+
+@pytest.mark.skipif(shutil.which("sh") is None, reason="needs a POSIX sh")
+def test_snapshot_script_fails_when_qdrant_refuses_the_snapshot(tmp_path: Path) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    curl = bin_dir / "curl"
+    curl.write_text('#!/bin/sh\necho "$*" >> "$CALLS"\nexit 22\n')
+    curl.chmod(0o755)
+    calls = tmp_path / "calls"
+    env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "CALLS": str(calls)}
+    result = subprocess.run(
+        ["sh", "-c", SNAPSHOT_SCRIPT, "qdrant-snapshot", "qdrant-0.h"], env=env, timeout=30
+    )
+    assert result.returncode != 0
+    # Nothing is listed or deleted after a failed snapshot.
+    assert len(calls.read_text().splitlines()) == 1
 
 
 def test_snapshot_schedule_follows_the_profile() -> None:
@@ -234,6 +322,7 @@ def test_network_policies_single_node(resources: list[Synthesized]) -> None:
 def test_cluster_mode(clustered: list[Synthesized]) -> None:
     sts = find(clustered, "StatefulSet", "qdrant")["spec"]
     assert sts["replicas"] == 3
+    assert sts["podManagementPolicy"] == "Parallel"
     (container,) = sts["template"]["spec"]["containers"]
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["QDRANT__CLUSTER__ENABLED"] == "true"

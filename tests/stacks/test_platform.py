@@ -11,6 +11,7 @@ import pytest
 from stacks import config
 from stacks.components import base
 from stacks.components.platform import NAMESPACES, Platform, PlatformArgs
+from stacks.components.runtime import Runtime, RuntimeArgs
 from stacks.synth import Synthesized
 from tests.stacks.harness import datacenter_config, synth
 
@@ -329,3 +330,36 @@ def test_every_workload_of_the_stack_fits_its_namespace(stack: list[Synthesized]
             else:
                 limit = parse[key.split(".")[1]](hard[key])
             assert value <= limit, (namespace, key, value, limit)
+
+
+def test_kata_gpu_passthrough_quota_counts_the_clusters_gpu_resource() -> None:
+    flat = datacenter_config()
+    profile = json.loads(flat["sovereign:profile"])
+    profile["cluster"]["gpu_runtime_class"] = "kata-qemu-nvidia-gpu"
+    profile["cluster"]["gpu_resource"] = "nvidia.com/pgpu"
+    flat["sovereign:profile"] = json.dumps(profile)
+
+    def make(settings: config.StackSettings) -> None:
+        Platform("platform", PlatformArgs(settings))
+        Runtime("runtime", RuntimeArgs(settings))
+
+    resources = synth(make, flat)
+    (quota,) = by_namespace(resources, "ResourceQuota")[config.RUNTIME_NAMESPACE]
+    hard = quota["spec"]["hard"]
+    assert hard["requests.nvidia.com/pgpu"] == "16"
+    assert "requests.nvidia.com/gpu" not in hard
+    # The vLLM pods ask for the resource the quota counts, under the GPU operator's class.
+    deployments = [
+        d
+        for d in of_kind(resources, "Deployment")
+        if d["metadata"]["namespace"] == config.RUNTIME_NAMESPACE
+    ]
+    assert deployments
+    requested = 0
+    for deployment in deployments:
+        pod = deployment["spec"]["template"]["spec"]
+        assert pod["runtimeClassName"] == "kata-qemu-nvidia-gpu"
+        for container in pod["containers"]:
+            assert "nvidia.com/gpu" not in container["resources"]["requests"]
+            requested += int(container["resources"]["requests"]["nvidia.com/pgpu"])
+    assert 0 < requested <= int(hard["requests.nvidia.com/pgpu"])

@@ -72,7 +72,7 @@ def with_profile(section: str, key: str, value: Any) -> dict[str, str]:
 def mounted_files(built: Built) -> dict[str, str]:
     """What the pod sees under /policy: the volume's items applied to the ConfigMap."""
     data = built.one("ConfigMap", "opa-policy")["data"]
-    (volume,) = built.pod["volumes"]
+    (volume,) = [v for v in built.pod["volumes"] if v["name"] == "policy"]
     assert volume["configMap"]["name"] == "opa-policy"
     return {item["path"]: data[item["key"]] for item in volume["configMap"]["items"]}
 
@@ -90,6 +90,7 @@ def test_inventory(built: Built) -> None:
         ("NetworkPolicy", "opa"),
         ("PodDisruptionBudget", "opa"),
         ("Service", "opa"),
+        ("ServiceAccount", "opa"),
     ]
 
 
@@ -148,10 +149,25 @@ def test_opa_args_load_the_policy_directory(built: Built) -> None:
     assert "--log-level=info" in container["args"]
     assert "--ignore=.*" in container["args"]
     assert container["args"][-1] == "/policy"
-    (mount,) = container["volumeMounts"]
-    assert mount["mountPath"] == "/policy"
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == "/policy"]
     assert mount["readOnly"] is True
-    assert mount["name"] == built.pod["volumes"][0]["name"]
+    assert mount["name"] == "policy"
+    assert {m["mountPath"] for m in container["volumeMounts"]} == {"/policy", "/run/spire/sockets"}
+
+
+def test_opa_gets_the_spiffe_workload_api_under_its_own_account(built: Built) -> None:
+    pod = built.pod
+    # The SPIFFE ID template names the pod's account: `default` would be nobody's ID.
+    assert pod["serviceAccountName"] == "opa"
+    assert pod["automountServiceAccountToken"] is False
+    account = built.one("ServiceAccount", "opa")
+    assert account["automountServiceAccountToken"] is False
+    (volume,) = [v for v in pod["volumes"] if "csi" in v]
+    assert volume["csi"] == {"driver": "csi.spiffe.io", "readOnly": True}
+    (mount,) = [m for m in built.container["volumeMounts"] if m["name"] == volume["name"]]
+    assert mount == {"name": volume["name"], "mountPath": "/run/spire/sockets", "readOnly": True}
+    env = {e["name"]: e.get("value") for e in built.container["env"]}
+    assert env["SPIFFE_ENDPOINT_SOCKET"] == "unix:///run/spire/sockets/spire-agent.sock"
 
 
 def test_opa_deployment(built: Built) -> None:

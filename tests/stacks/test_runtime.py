@@ -10,7 +10,7 @@ import pytest
 from sovereign.render import vllm
 from stacks.components.base import PRIORITY_SERVING
 from stacks.components.runtime import Runtime, RuntimeArgs
-from stacks.config import GATEWAY_NAMESPACE, RUNTIME_NAMESPACE
+from stacks.config import GATEWAY_NAMESPACE, RUNTIME_NAMESPACE, ConfigError
 from stacks.synth import Synthesized
 from tests.stacks.harness import datacenter_config, synth
 
@@ -81,7 +81,14 @@ def test_one_set_per_model(default: tuple[list[Synthesized], Any]) -> None:
     assert len(names) == len(MODELS)
     k8s = [r.manifest() for r in resources if r.is_kubernetes]
     assert sorted((m["kind"], m["metadata"]["name"]) for m in k8s) == sorted(
-        (kind, name) for name in names for kind in ("Deployment", "Service", "NetworkPolicy")
+        [
+            *(
+                (kind, name)
+                for name in names
+                for kind in ("Deployment", "Service", "NetworkPolicy")
+            ),
+            ("ServiceAccount", "vllm"),
+        ]
     )
     for r in resources:
         if r.is_kubernetes:
@@ -150,9 +157,10 @@ def test_weights_come_read_only_from_the_models_claim(
         assert launch.argv[2] == launch.weights
         shm = volumes[mounts["/dev/shm"]["name"]]["emptyDir"]
         assert shm["medium"] == "Memory"
-        # Every other mount is scratch space: the root file system stays read-only.
+        # Every other mount is scratch space or the read-only SPIFFE socket: the root file
+        # system stays read-only.
         for path, mount in mounts.items():
-            if path != vllm.BUNDLE_ROOT:
+            if path not in (vllm.BUNDLE_ROOT, "/run/spire/sockets"):
                 assert "emptyDir" in volumes[mount["name"]], path
 
 
@@ -294,5 +302,59 @@ def test_weights_outside_the_model_volume_are_refused() -> None:
     def edit(profile: dict[str, Any]) -> None:
         profile["models"][1]["source"] = "file:/srv/models/qwen"
 
-    with pytest.raises(Exception, match="outside the model volume"):
+    # The stack config refuses file: sources first; the component refuses them too.
+    with pytest.raises(ConfigError, match=r"bundle: or hf: source"):
         run(profile_config(edit))
+
+
+def test_vllm_pods_get_the_spiffe_workload_api_under_their_own_account(
+    default: tuple[list[Synthesized], Any],
+) -> None:
+    resources, built = default
+    account = find(resources, "ServiceAccount", "vllm")
+    assert account["automountServiceAccountToken"] is False
+    for model, _ in launches(built["settings"]):
+        pod = pod_of(resources, vllm.vllm_service_name(model))
+        # The SPIFFE ID names the pod's account; `default` must never carry it.
+        assert pod["serviceAccountName"] == "vllm"
+        assert pod["automountServiceAccountToken"] is False
+        (volume,) = [v for v in pod["volumes"] if "csi" in v]
+        assert volume["csi"] == {"driver": "csi.spiffe.io", "readOnly": True}
+        (container,) = pod["containers"]
+        (mount,) = [m for m in container["volumeMounts"] if m["name"] == volume["name"]]
+        assert mount["mountPath"] == "/run/spire/sockets"
+        assert mount["readOnly"] is True
+        env = {e["name"]: e["value"] for e in container["env"]}
+        assert env["SPIFFE_ENDPOINT_SOCKET"] == "unix:///run/spire/sockets/spire-agent.sock"
+
+
+def test_kata_gpu_passthrough_class_and_resource() -> None:
+    def edit(profile: dict[str, Any]) -> None:
+        profile["sandbox"]["runtime"] = "kata"
+        profile["cluster"]["gpu_runtime"] = None
+        profile["cluster"]["gpu_runtime_class"] = "kata-qemu-nvidia-gpu"
+        profile["cluster"]["gpu_resource"] = "nvidia.com/pgpu"
+
+    resources, built = run(profile_config(edit))
+    for model, launch in launches(built["settings"]):
+        pod = pod_of(resources, vllm.vllm_service_name(model))
+        assert pod["runtimeClassName"] == "kata-qemu-nvidia-gpu"
+        (container,) = pod["containers"]
+        for kind in ("requests", "limits"):
+            bounds = container["resources"][kind]
+            assert bounds["nvidia.com/pgpu"] == str(launch.gpus), kind
+            assert "nvidia.com/gpu" not in bounds, kind
+        # The GPU operator's taint keeps its key whatever resource the nodes expose.
+        assert pod["tolerations"] == [
+            {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+        ]
+
+
+def test_gpu_runtime_class_does_not_override_runc() -> None:
+    def edit(profile: dict[str, Any]) -> None:
+        profile["cluster"]["gpu_runtime"] = "runc"
+        profile["cluster"]["gpu_runtime_class"] = "kata-qemu-nvidia-gpu"
+
+    resources, built = run(profile_config(edit))
+    for model, _ in launches(built["settings"]):
+        assert "runtimeClassName" not in pod_of(resources, vllm.vllm_service_name(model))

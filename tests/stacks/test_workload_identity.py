@@ -494,14 +494,17 @@ EXPECTED_REGISTRATIONS = {
     "sovereign-gateway": (
         GATEWAY_NAMESPACE,
         {"app.kubernetes.io/part-of": "sovereign", "app.kubernetes.io/name": "sovereign-gateway"},
+        "sovereign-gateway",
     ),
     "sovereign-vllm": (
         RUNTIME_NAMESPACE,
         {"app.kubernetes.io/part-of": "sovereign", "app.kubernetes.io/component": "runtime"},
+        "vllm",
     ),
     "sovereign-opa": (
         POLICY_NAMESPACE,
         {"app.kubernetes.io/part-of": "sovereign", "app.kubernetes.io/name": "opa"},
+        "opa",
     ),
 }
 
@@ -530,14 +533,16 @@ def test_cluster_spiffe_ids(manifests: list[dict[str, Any]]) -> None:
     schema = strict(custom_resource_schema("ClusterSPIFFEID"))
     for entry in entries:
         jsonschema.validate(entry, schema)
-        namespace, pod_labels = EXPECTED_REGISTRATIONS[entry["metadata"]["name"]]
+        namespace, pod_labels, account = EXPECTED_REGISTRATIONS[entry["metadata"]["name"]]
         assert entry["apiVersion"] == "spire.spiffe.io/v1alpha1"
         spec = entry["spec"]
         assert spec["className"] == manager_conf(manifests)["className"]
+        # The ID names the workload's own account, and only a pod running as that
+        # account gets it: never `.../sa/default`.
         assert spec["spiffeIDTemplate"] == (
-            "spiffe://{{ .TrustDomain }}/ns/{{ .PodMeta.Namespace }}"
-            "/sa/{{ .PodSpec.ServiceAccountName }}"
+            f"spiffe://{{{{ .TrustDomain }}}}/ns/{namespace}/sa/{account}"
         )
+        assert spec["workloadSelectorTemplates"] == [f"k8s:sa:{account}"]
         assert spec["namespaceSelector"] == {
             "matchLabels": {"kubernetes.io/metadata.name": namespace}
         }
@@ -738,3 +743,51 @@ def test_network_policies_follow_the_cluster_cidrs() -> None:
         "to": [{"ipBlock": {"cidr": "10.3.0.0/24"}}, {"ipBlock": {"cidr": "10.4.0.0/24"}}],
         "ports": tcp(10250),
     }
+
+
+def test_registered_workloads_run_as_the_named_account_and_mount_the_workload_api(
+    manifests: list[dict[str, Any]],
+) -> None:
+    """The gateway, vLLM and OPA pods as their components build them, against the entries."""
+    from stacks.components.gateway import Gateway, GatewayArgs
+    from stacks.components.policy import Policy, PolicyArgs
+    from stacks.components.runtime import Runtime, RuntimeArgs
+
+    def workloads(settings: StackSettings) -> None:
+        Gateway("gateway", GatewayArgs(settings))
+        Runtime("runtime", RuntimeArgs(settings))
+        Policy("policy", PolicyArgs(settings))
+
+    built = [r.manifest() for r in synth(workloads) if r.is_kubernetes]
+    driver = kinds(manifests, "CSIDriver")[0]["metadata"]["name"]
+    socket_name = agent_conf(manifests)["agent"]["socket_path"].rsplit("/", 1)[1]
+    accounts = {
+        (m["metadata"]["namespace"], m["metadata"]["name"]) for m in kinds(built, "ServiceAccount")
+    }
+    for entry in kinds(manifests, "ClusterSPIFFEID"):
+        spec = entry["spec"]
+        namespace = spec["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
+        wanted = spec["podSelector"]["matchLabels"].items()
+        selected = [
+            w
+            for w in kinds(built, "Deployment")
+            if w["metadata"]["namespace"] == namespace
+            and wanted <= w["spec"]["template"]["metadata"]["labels"].items()
+        ]
+        assert selected, entry["metadata"]["name"]
+        for workload in selected:
+            spec_ = pod(workload)
+            account = spec_.get("serviceAccountName", "default")
+            assert spec["spiffeIDTemplate"].endswith(f"/ns/{namespace}/sa/{account}")
+            assert spec["workloadSelectorTemplates"] == [f"k8s:sa:{account}"]
+            assert (namespace, account) in accounts
+            assert spec_["automountServiceAccountToken"] is False
+            (volume,) = [v for v in spec_["volumes"] if "csi" in v]
+            assert volume["csi"] == {"driver": driver, "readOnly": True}
+            for c in spec_["containers"]:
+                (mounted,) = [m for m in c["volumeMounts"] if m["name"] == volume["name"]]
+                assert mounted["readOnly"] is True
+                env = {e["name"]: e.get("value") for e in c["env"]}
+                assert env["SPIFFE_ENDPOINT_SOCKET"] == (
+                    f"unix://{mounted['mountPath']}/{socket_name}"
+                )

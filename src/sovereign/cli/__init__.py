@@ -30,6 +30,7 @@ from sovereign.cli import (  # noqa: E402, F401
     media,
     memory,
     profile,
+    stack,
     token,
     tools,
     up,

@@ -77,6 +77,20 @@ def parse_profile(text: str, filename: str) -> Profile:
 def parse_embedded_profile(text: str, filename: str, at: Loc) -> Profile:
     """The profile held at `at` inside a larger YAML file (a Pulumi stack's config);
     issues point at lines of that file and name fields relative to the profile."""
+    return _validate(_embedded_document(text, filename, at), filename)
+
+
+def locate_embedded(
+    text: str, filename: str, at: Loc, found: list[tuple[Loc, str]]
+) -> ProfileError:
+    """Errors about fields of a valid embedded profile, found later, at their lines."""
+    document = _embedded_document(text, filename, at)
+    return ProfileError(
+        [_located(filename, document, {}, "", loc, message, on_key=False) for loc, message in found]
+    )
+
+
+def _embedded_document(text: str, filename: str, at: Loc) -> _Document:
     document = _parse_yaml(text, filename)
     if not _exists(document.data, at):
         raise ProfileError([_issue(filename, (0, 0), at, "missing: no profile here")])
@@ -84,12 +98,11 @@ def parse_embedded_profile(text: str, filename: str, at: Loc) -> Profile:
     for part in at:
         data = data[part]
     depth = len(at)
-    inner = _Document(
+    return _Document(
         data=data,
         values={loc[depth:]: pos for loc, pos in document.values.items() if loc[:depth] == at},
         keys={loc[depth:]: pos for loc, pos in document.keys.items() if loc[:depth] == at},
     )
-    return _validate(inner, filename)
 
 
 def _validate(document: _Document, filename: str) -> Profile:

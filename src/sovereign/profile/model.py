@@ -554,6 +554,11 @@ class ClusterGateway(StrictModel):
     data_storage_class: str | None = Field(
         default=None, description="a ReadWriteMany storage class; the cluster's default if unset"
     )
+    models_claim: DnsLabel = Field(
+        default="sovereign-gateway-models",
+        description="the ReadOnlyMany PersistentVolumeClaim in sovereign-gateway holding the "
+        "imported bundle's embedding model and tokenizer, mounted at the bundle root",
+    )
 
 
 class ClusterQdrant(StrictModel):
@@ -583,6 +588,17 @@ class Cluster(StrictModel):
         default=None,
         description="the RuntimeClass of GPU pods; sandbox.runtime if unset. runc only when "
         "named here",
+    )
+    gpu_runtime_class: DnsLabel | None = Field(
+        default=None,
+        description="an existing RuntimeClass for sandboxed GPU pods (the GPU operator's "
+        "kata-qemu-nvidia-gpu); the stack's own gvisor or kata class if unset",
+    )
+    gpu_resource: str = Field(
+        default="nvidia.com/gpu",
+        pattern=r"^[a-z0-9.-]+/[A-Za-z0-9_.-]+$",
+        description="the extended resource GPU pods request: nvidia.com/gpu, or nvidia.com/pgpu "
+        "for passthrough into Kata guests",
     )
     models_claim: DnsLabel = Field(
         default="sovereign-models",

@@ -582,6 +582,25 @@ def _cluster(profile: Profile) -> Iterator[Violation]:
             f"registry {cluster.registry} is not one of the profile's oci mirrors ({named}); "
             "list it under mirrors with kind oci",
         )
+    # pkg: resolves into the rendering machine's tools cache and file: into a node's disk;
+    # pods see only the bundle volumes mounted at the bundle root.
+    sources: list[tuple[Loc, str]] = [
+        (("models", index, "source"), model.source)
+        for index, model in enumerate(profile.models)
+        if model.engine != "upstream"
+    ]
+    embeddings = profile.memory.embeddings
+    if embeddings.engine == "embedded":
+        sources.append((("memory", "embeddings", "source"), embeddings.source))
+    sources.append((("memory", "embeddings", "tokenizer"), embeddings.tokenizer))
+    for loc, source in sources:
+        scheme = source.partition(":")[0]
+        if scheme not in ("bundle", "hf"):
+            yield Violation(
+                loc,
+                f"{source!r}: pods load weights from the imported bundle's volume; use a "
+                f"bundle: or hf: source on a cluster, not {scheme}:",
+            )
     if profile.memory.key_source == "tpm":
         yield Violation(
             ("memory", "key_source"),

@@ -17,14 +17,16 @@ from ruamel.yaml import YAML
 from sovereign.profile.model import Profile
 from sovereign.render import Renderer
 
+PROFILE_KEY = "sovereign:profile"
 SECRET_KEYS = ("keycloakAdminPassword", "keycloakDatabasePassword", "memoryPassphrase")
 
 
 def stack_config(profile: Profile) -> str:
     secrets = "\n".join(f"#   pulumi config set --secret sovereign:{key}" for key in SECRET_KEYS)
     header = (
-        f"# Stack config for {profile.name}, written by `sovereign render`; edit the profile\n"
-        "# and render again rather than this file. Before `pulumi up`, set the secrets:\n"
+        f"# Stack config for {profile.name}, written by `sovereign render`. Change the profile\n"
+        "# and run `sovereign stack config PROFILE`, which replaces sovereign:profile and\n"
+        "# keeps the rest. Before `pulumi up`, set the secrets:\n"
         f"{secrets}\n"
     )
     yaml = YAML(typ="safe", pure=True)
@@ -34,7 +36,7 @@ def stack_config(profile: Profile) -> str:
     yaml.indent(mapping=2, sequence=4, offset=2)
     yaml.width = 4096
     buffer = io.StringIO()
-    yaml.dump({"config": {"sovereign:profile": profile.model_dump(mode="json")}}, buffer)
+    yaml.dump({"config": {PROFILE_KEY: profile.model_dump(mode="json")}}, buffer)
     return header + buffer.getvalue()
 
 
