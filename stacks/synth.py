@@ -129,7 +129,10 @@ def _dump(manifest: Mapping[str, Any]) -> str:
     # No folding: a folded quoted string can read back with a different space (Rego tabs).
     yaml.width = 1 << 30
     buffer = io.StringIO()
-    yaml.dump(dict(manifest), buffer)
+    # In the order people write manifests: apiVersion, kind, metadata, then the rest.
+    first = [key for key in ("apiVersion", "kind", "metadata") if key in manifest]
+    ordered = {key: manifest[key] for key in [*first, *(k for k in manifest if k not in first)]}
+    yaml.dump(ordered, buffer)
     return buffer.getvalue()
 
 
