@@ -1,10 +1,11 @@
 """The stack's config, checked whole before the program creates any resource.
 
-`sovereign render` writes `Pulumi.<stack>.yaml`; its `sovereign:profile` key holds the
-resolved datacenter profile, whose `cluster` section says where and how to deploy. The
-profile is validated with the same model and rules as `sovereign profile validate`, so an
-error names the field and the line of the stack file. Secrets come from
-`pulumi config set --secret` and never from the profile.
+`sovereign stack config` (or `sovereign render --only pulumi`) writes `Pulumi.<stack>.yaml`;
+its `sovereign:profile` key holds the resolved datacenter profile, whose `cluster` section
+says where and how to deploy. The profile is validated with the same model and rules as
+`sovereign profile validate`, and then for what this stack can deploy, so an error names
+the field and the line of the stack file. Secrets come from `pulumi config set --secret`
+and never from the profile.
 """
 
 from __future__ import annotations

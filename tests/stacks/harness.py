@@ -38,9 +38,8 @@ def datacenter_config(**overrides: str) -> dict[str, str]:
     return flat
 
 
-def settings_for(
-    flat: dict[str, str], project_dir: Path = PROJECT_DIR
-) -> stack_config.StackSettings:
+def settings_for(project_dir: Path = PROJECT_DIR) -> stack_config.StackSettings:
+    """The settings from the config the mock engine was given (see `synth`)."""
     return stack_config.load(pulumi.Config(stack_config.NAMESPACE), STACK, project_dir)
 
 
@@ -53,7 +52,7 @@ def synth(
     config = datacenter_config() if flat is None else flat
     secret_keys = tuple(f"{stack_config.NAMESPACE}:{key}" for key in SECRETS)
     return synthesize(
-        lambda: build(settings_for(config, project_dir)),
+        lambda: build(settings_for(project_dir)),
         config,
         stack=STACK,
         secret_keys=secret_keys,
