@@ -47,6 +47,10 @@ QDRANT_PORT = 6333
 OPA_SERVICE = "opa"
 OPA_PORT = 8181
 KEYCLOAK_SERVICE = "keycloak"
+# Fixed mounts of the gateway pod, which the profile's paths must stay clear of.
+GATEWAY_CONFIG_DIR = "/etc/sovereign-gateway"
+WORKLOAD_API_DIR = "/run/spire/sockets"
+SCRATCH_DIR = "/tmp"  # noqa: S108 - an emptyDir of the pod's own
 
 
 @dataclass(frozen=True)
@@ -180,8 +184,10 @@ def _prefixed(error: ProfileError) -> str:
     )
 
 
-# Directories the gateway image needs as they are: a volume mounted over one would hide it.
-SYSTEM_DIRS = ("/", "/bin", "/etc", "/lib", "/opt", "/run", "/sbin", "/tmp", "/usr", "/var")  # noqa: S108
+# Directories the gateway image needs as they are: a volume mounted on one, or (for the
+# first group) anywhere inside one, would hide what the image keeps there.
+SYSTEM_TREES = ("/bin", "/boot", "/lib", "/lib64", "/sbin", "/usr", "/proc", "/sys", "/dev")
+SYSTEM_DIRS = ("/", "/etc", "/opt", "/run", "/var", "/var/lib", "/home", "/root")
 
 
 def deployment_problems(profile: Profile) -> list[tuple[Loc, str]]:
@@ -217,7 +223,13 @@ def deployment_problems(profile: Profile) -> list[tuple[Loc, str]]:
     realm_path = f"/realms/{profile.identity.realm}"
     # Keycloak serves realms at the root; a prefix would need an ingress rewrite this
     # stack does not set up, and tokens would name another issuer.
-    if issuer.scheme != "https" or issuer.path.rstrip("/") != realm_path:
+    # The gateway reaches the issuer at Keycloak's Service and people at the Ingress, both
+    # on 443.
+    if (
+        issuer.scheme != "https"
+        or issuer.port not in (None, 443)
+        or issuer.path.rstrip("/") != realm_path
+    ):
         problems.append(
             (
                 ("identity", "issuer"),
@@ -232,8 +244,14 @@ def deployment_problems(profile: Profile) -> list[tuple[Loc, str]]:
 def _gateway_mounts(profile: Profile) -> list[tuple[Loc, str]]:
     """The gateway pod mounts one volume per directory; they must not collide or hide
     the image's own directories."""
-    directories: list[tuple[Loc, PurePosixPath]] = [
+    fixed: list[tuple[Loc, PurePosixPath]] = [
         (("cluster", "gateway", "models_claim"), PurePosixPath(BUNDLE_ROOT)),
+        (("<gateway config>",), PurePosixPath(GATEWAY_CONFIG_DIR)),
+        (("<SPIFFE Workload API>",), PurePosixPath(WORKLOAD_API_DIR)),
+        (("<scratch>",), PurePosixPath(SCRATCH_DIR)),
+    ]
+    directories: list[tuple[Loc, PurePosixPath]] = [
+        *fixed,
         (("audit", "path"), PurePosixPath(profile.audit.path)),
         (("memory", "data_dir"), PurePosixPath(profile.memory.data_dir)),
         (("audit", "signing_key"), PurePosixPath(profile.audit.signing_key).parent),
@@ -244,7 +262,8 @@ def _gateway_mounts(profile: Profile) -> list[tuple[Loc, str]]:
     seen: dict[PurePosixPath, Loc] = {}
     for loc, directory in directories:
         field = ".".join(str(part) for part in loc)
-        if str(directory) in SYSTEM_DIRS:
+        in_system_tree = any(directory.is_relative_to(tree) for tree in SYSTEM_TREES)
+        if str(directory) in SYSTEM_DIRS or in_system_tree:
             problems.append(
                 (
                     loc,

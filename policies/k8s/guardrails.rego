@@ -475,13 +475,20 @@ deny contains msg if {
 	cidr := _get(_get(peer, "ipBlock", {}), "cidr", "")
 	is_string(cidr)
 
-	# Any prefix length of 0 is every address, whatever the address before it.
-	regex.match(`/0+$`, cidr)
+	# Two or more blocks as wide as 0.0.0.0/1 add up to every address; no allow this stack
+	# needs is wider than a /8 (IPv4) or a /16 (IPv6).
+	[address, length] := split(cidr, "/")
+	widest := _widest_prefix(address)
+	to_number(length) < widest
 	msg := sprintf(
-		"K8S-017 network-policy-open: NetworkPolicy %s/%s %s rule %d allows ipBlock %s, every address",
-		[_namespace(obj), _name(obj), direction, i, cidr],
+		"K8S-017 network-policy-open: NetworkPolicy %s/%s %s rule %d allows ipBlock %s, wider than /%d",
+		[_namespace(obj), _name(obj), direction, i, cidr, widest],
 	)
 }
+
+_widest_prefix(address) := 16 if contains(address, ":")
+
+_widest_prefix(address) := 8 if not contains(address, ":")
 
 _selects_all_or_absent(peer, key) if object.get(peer, key, null) == null
 

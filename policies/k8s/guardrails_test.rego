@@ -694,7 +694,7 @@ test_one_open_peer_among_explicit_ones_denied if {
 }
 
 test_ip_block_of_every_address_denied if {
-	every cidr in ["0.0.0.0/0", "::/0", "10.0.0.0/0"] {
+	every cidr in ["0.0.0.0/0", "::/0", "10.0.0.0/0", "0.0.0.0/1", "128.0.0.0/1", "10.0.0.0/7", "8000::/1", "fd00::/15"] {
 		policy_ids({"egress": [{"to": [{"ipBlock": {"cidr": cidr}}]}]}) == {"K8S-017"}
 	}
 	policy_ids({"egress": [{"to": [{"ipBlock": {"cidr": "0.0.0.0/0", "except": ["10.0.0.0/8"]}}]}]}) == {"K8S-017"}
@@ -708,6 +708,7 @@ test_explicit_peers_allowed if {
 			{"to": [{"namespaceSelector": named_ns, "podSelector": {}}]},
 			{"to": [{"podSelector": app_pods}]},
 			{"to": [{"ipBlock": {"cidr": "10.20.0.0/16"}}, {"ipBlock": {"cidr": "fd00::/64"}}]},
+			{"to": [{"ipBlock": {"cidr": "10.0.0.0/8"}}, {"ipBlock": {"cidr": "fd00::/16"}}]},
 		],
 	}) == set()
 }

@@ -28,6 +28,7 @@ from sovereign.render.gateway import gateway_config
 from sovereign.render.vllm import vllm_launches, vllm_service_name
 from stacks.components import base, workload_identity
 from stacks.config import (
+    GATEWAY_CONFIG_DIR,
     GATEWAY_NAMESPACE,
     IDENTITY_NAMESPACE,
     MEMORY_NAMESPACE,
@@ -43,7 +44,7 @@ from stacks.config import (
 COMPONENT = "gateway"
 APP = base.GATEWAY_APP
 KEYCLOAK_APP = "keycloak"
-CONFIG_DIR = "/etc/sovereign-gateway"
+CONFIG_DIR = GATEWAY_CONFIG_DIR
 CONFIG_KEY = "config.json"
 CONFIG_PATH = f"{CONFIG_DIR}/{CONFIG_KEY}"
 DATA_CLAIM = "gateway-data"

@@ -167,6 +167,35 @@ def test_a_bad_field_set_only_in_the_engine_config_still_names_the_field(tmp_pat
             "would be mounted over the image's own directory",
         ),
         (
+            lambda p: p["identity"].update(
+                issuer="https://auth.dc1.internal:8443/realms/sovereign"
+            ),
+            r"identity\.issuer: .*:8443/realms/sovereign is not https://HOST/realms/sovereign",
+        ),
+        (
+            lambda p: p["cluster"].update(gpu_runtime_class=None),
+            r"cluster\.gpu_runtime_class: .*kata \(sandbox\.runtime\), which passes no GPU "
+            "into its guest",
+        ),
+        (
+            lambda p: p["cluster"].update(gpu_runtime="gvisor", gpu_resource="nvidia.com/gpu"),
+            r"cluster\.gpu_runtime_class: .*under gvisor \(cluster\.gpu_runtime\).*applies only "
+            "with kata",
+        ),
+        (
+            lambda p: p["audit"].update(path="/tmp/sovereign/audit"),
+            r"audit\.path \(/tmp/sovereign/audit\) overlaps <scratch> \(/tmp\)",
+        ),
+        (
+            lambda p: p["memory"].update(data_dir="/usr/lib/sovereign"),
+            r"memory\.data_dir: /usr/lib/sovereign would be mounted over the image's own directory",
+        ),
+        (
+            lambda p: p["policy"]["lock"].update(manifest="/etc/sovereign-gateway/lock.json"),
+            r"policy\.lock\.manifest \(/etc/sovereign-gateway\) overlaps <gateway config> "
+            r"\(/etc/sovereign-gateway\)",
+        ),
+        (
             lambda p: p["memory"]["embeddings"].update(source="pkg:minilm/model.onnx"),
             "use a bundle: or hf: source on a cluster, not pkg:",
         ),

@@ -497,6 +497,9 @@ def test_runtime_class_follows_the_sandbox() -> None:
     def edit(profile: dict[str, Any]) -> None:
         profile["sandbox"]["runtime"] = "gvisor"
         profile["cluster"]["gpu_runtime"] = "runc"  # GPU pods only; the gateway has none
+        # The GPU operator's Kata class applies only with kata.
+        profile["cluster"]["gpu_runtime_class"] = None
+        profile["cluster"]["gpu_resource"] = "nvidia.com/gpu"
 
     resources, _ = run(profile_config(edit))
     assert pod_of(resources)["runtimeClassName"] == "gvisor"

@@ -218,19 +218,33 @@ def test_failing_opa_is_a_clear_error(tmp_path: Path) -> None:
 def test_guardrail_data_from_the_committed_stack() -> None:
     captured: list[guardrails.GuardrailData] = []
     synth(lambda settings: captured.append(guardrails.guardrail_data(settings)))
-    assert captured == [guardrails.GuardrailData("registry.dc1.internal:5000", False)]
-    assert captured[0].extra_runtime_classes == ()
-    assert captured[0].gpu_resource == "nvidia.com/gpu"
+    # The committed profile passes whole GPUs into Kata guests under the GPU operator's class.
+    assert captured == [
+        guardrails.GuardrailData(
+            "registry.dc1.internal:5000",
+            False,
+            extra_runtime_classes=("kata-qemu-nvidia-gpu",),
+            gpu_resource="nvidia.com/pgpu",
+        )
+    ]
+    document = captured[0].document()["k8s"]["guardrails"]
+    assert document["extra_runtime_classes"] == ["kata-qemu-nvidia-gpu"]
+    assert document["gpu_resource"] == "nvidia.com/pgpu"
 
 
 def test_guardrail_data_allows_runc_only_when_named() -> None:
     cfg = datacenter_config()
     profile = json.loads(cfg["sovereign:profile"])
     profile["cluster"]["gpu_runtime"] = "runc"
+    # The Kata GPU class applies only with kata; runc GPU pods use the plain device plugin.
+    profile["cluster"]["gpu_runtime_class"] = None
+    profile["cluster"]["gpu_resource"] = "nvidia.com/gpu"
     cfg["sovereign:profile"] = json.dumps(profile)
     captured: list[guardrails.GuardrailData] = []
     synth(lambda settings: captured.append(guardrails.guardrail_data(settings)), cfg)
     assert captured == [guardrails.GuardrailData("registry.dc1.internal:5000", True)]
+    assert captured[0].extra_runtime_classes == ()
+    assert captured[0].gpu_resource == "nvidia.com/gpu"
 
 
 def test_undeclared_namespace_messages_name_the_namespace() -> None:
@@ -282,22 +296,17 @@ def test_runc_for_gpus_follows_the_gpu_resource() -> None:
     assert ids(evaluate(gpu, gpu_runc_allowed=True, gpu_resource="nvidia.com/pgpu")) == {"K8S-010"}
 
 
-def test_guardrail_data_names_the_clusters_gpu_runtime_class_and_resource() -> None:
+def test_guardrail_data_names_no_extra_class_without_a_gpu_runtime_class() -> None:
+    """GPU pods under gvisor (nvproxy) need no class besides the stack's own."""
     cfg = datacenter_config()
     profile = json.loads(cfg["sovereign:profile"])
-    profile["cluster"]["gpu_runtime_class"] = "kata-qemu-nvidia-gpu"
-    profile["cluster"]["gpu_resource"] = "nvidia.com/pgpu"
+    profile["cluster"]["gpu_runtime"] = "gvisor"
+    profile["cluster"]["gpu_runtime_class"] = None
+    profile["cluster"]["gpu_resource"] = "nvidia.com/gpu"
     cfg["sovereign:profile"] = json.dumps(profile)
     captured: list[guardrails.GuardrailData] = []
     synth(lambda settings: captured.append(guardrails.guardrail_data(settings)), cfg)
-    assert captured == [
-        guardrails.GuardrailData(
-            "registry.dc1.internal:5000",
-            False,
-            extra_runtime_classes=("kata-qemu-nvidia-gpu",),
-            gpu_resource="nvidia.com/pgpu",
-        )
-    ]
+    assert captured == [guardrails.GuardrailData("registry.dc1.internal:5000", False)]
     document = captured[0].document()["k8s"]["guardrails"]
-    assert document["extra_runtime_classes"] == ["kata-qemu-nvidia-gpu"]
-    assert document["gpu_resource"] == "nvidia.com/pgpu"
+    assert document["extra_runtime_classes"] == []
+    assert document["gpu_resource"] == "nvidia.com/gpu"

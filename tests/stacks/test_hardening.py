@@ -80,18 +80,25 @@ def test_every_container_is_hardened(k8s_manifests: list[dict[str, Any]]) -> Non
 def test_every_pod_runs_under_the_profiles_sandbox(
     k8s_manifests: list[dict[str, Any]], gpu: bool
 ) -> None:
-    """kata from the committed profile; only the two node agents run without a class."""
+    """kata from the committed profile, and for GPU pods the GPU operator's Kata class
+    (cluster.gpu_runtime_class); only the two node agents run without a class."""
     pods = [
         (manifest, template["spec"])
         for manifest, template in pod_templates(k8s_manifests)
         if key(manifest) not in NODE_AGENTS
         and any(
-            "nvidia.com/gpu" in c["resources"]["limits"] for c in template["spec"]["containers"]
+            "nvidia.com/pgpu" in c["resources"]["limits"] for c in template["spec"]["containers"]
         )
         is gpu
     ]
     assert pods
-    assert {spec.get("runtimeClassName") for _, spec in pods} == {"kata"}
+    expected = "kata-qemu-nvidia-gpu" if gpu else "kata"
+    assert {spec.get("runtimeClassName") for _, spec in pods} == {expected}
+    # No pod asks for the device plugin's plain GPUs, which a Kata guest would not see.
+    for _, spec in pods:
+        for container in spec["containers"]:
+            assert "nvidia.com/gpu" not in container["resources"]["limits"]
+            assert "nvidia.com/gpu" not in container["resources"].get("requests", {})
     agents = [t["spec"] for m, t in pod_templates(k8s_manifests) if key(m) in NODE_AGENTS]
     assert [spec.get("runtimeClassName") for spec in agents] == [None, None]
 

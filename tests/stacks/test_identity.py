@@ -167,7 +167,15 @@ def test_pods_are_hardened(built: Built, kind: str, name: str, uid: int) -> None
 
 def test_runtime_class_follows_the_profile() -> None:
     # A datacenter profile must sandbox (config validation refuses runc); GPU runtime aside.
-    gvisor = Built(with_profile(sandbox__runtime="gvisor", cluster__gpu_runtime="runc"))
+    # The GPU operator's Kata class applies only with kata: cleared (None deletes it).
+    gvisor = Built(
+        with_profile(
+            sandbox__runtime="gvisor",
+            cluster__gpu_runtime="runc",
+            cluster__gpu_runtime_class=None,
+            cluster__gpu_resource="nvidia.com/gpu",
+        )
+    )
     for name, kind in (("keycloak", "Deployment"), ("keycloak-db", "StatefulSet")):
         assert pod_of(gvisor.one(kind, name))["runtimeClassName"] == "gvisor"
 
@@ -445,10 +453,19 @@ def test_outputs(built: Built) -> None:
     assert re.fullmatch(r"10\.96\.0\.\d+", built.values["service_ip"])
 
 
-def test_issuer_with_a_port() -> None:
-    built = Built(with_profile(identity__issuer="https://auth.dc1.internal:8443/realms/sovereign"))
+def test_issuer_with_a_port_other_than_443_is_refused() -> None:
+    """The gateway reaches Keycloak's Service, and people its Ingress, both on 443."""
+    flat = with_profile(identity__issuer="https://auth.dc1.internal:8443/realms/sovereign")
+    with pytest.raises(config.ConfigError, match=r"identity\.issuer: .*:8443/realms/sovereign"):
+        Built(flat)
+
+
+def test_issuer_with_port_443_named() -> None:
+    built = Built(with_profile(identity__issuer="https://auth.dc1.internal:443/realms/sovereign"))
     env = env_of(container_of(built.one("Deployment", "keycloak")))
-    assert env["KC_HOSTNAME"] == "https://auth.dc1.internal:8443"
+    # The profile's URL drops https' default port, so Keycloak's hostname (and the issuer
+    # its tokens carry) is the same as without it.
+    assert env["KC_HOSTNAME"] == "https://auth.dc1.internal"
     assert built.values["issuer_host"] == "auth.dc1.internal"
     ingress = built.one("Ingress", "keycloak")["spec"]
     assert ingress["rules"][0]["host"] == "auth.dc1.internal"

@@ -156,25 +156,56 @@ def test_no_two_manifests_are_the_same_object(k8s_manifests: list[dict[str, Any]
     assert [identity for identity, count in seen.items() if count > 1] == []
 
 
-def test_whole_stack_passes_the_guardrails(k8s_manifests: list[dict[str, Any]]) -> None:
+@pytest.fixture(scope="module")
+def guardrail_data() -> guardrails.GuardrailData:
+    """The guardrails' parameters the committed stack implies, as `pulumi preview` uses them."""
     captured: list[guardrails.GuardrailData] = []
     synth(lambda settings: captured.append(guardrails.guardrail_data(settings)))
     (data,) = captured
+    return data
+
+
+def test_whole_stack_passes_the_guardrails(
+    k8s_manifests: list[dict[str, Any]], guardrail_data: guardrails.GuardrailData
+) -> None:
+    data = guardrail_data
     assert data.registry == "registry.dc1.internal:5000"
+    # The GPU operator's Kata class is the one class accepted besides gvisor and kata.
+    assert data.extra_runtime_classes == ("kata-qemu-nvidia-gpu",)
+    assert data.gpu_resource == "nvidia.com/pgpu"
+    assert data.gpu_runc_allowed is False
     denials = guardrails.evaluate(
-        k8s_manifests, registry=data.registry, gpu_runc_allowed=data.gpu_runc_allowed
+        k8s_manifests,
+        registry=data.registry,
+        gpu_runc_allowed=data.gpu_runc_allowed,
+        extra_runtime_classes=data.extra_runtime_classes,
+        gpu_resource=data.gpu_resource,
     )
     assert denials == []
 
 
 def test_whole_stack_passes_the_guardrails_at_admission(
-    k8s_manifests: list[dict[str, Any]],
+    k8s_manifests: list[dict[str, Any]], guardrail_data: guardrails.GuardrailData
 ) -> None:
     """Object by object, as an admission webhook would see the stack being applied."""
-    data = guardrails.GuardrailData("registry.dc1.internal:5000", gpu_runc_allowed=False)
     for manifest in k8s_manifests:
         review = guardrails.admission_review(manifest)
-        assert guardrails.evaluate_input(review, data) == [], where(manifest)
+        assert guardrails.evaluate_input(review, guardrail_data) == [], where(manifest)
+
+
+def test_the_gpu_runtime_class_passes_only_when_the_data_names_it(
+    k8s_manifests: list[dict[str, Any]], guardrail_data: guardrails.GuardrailData
+) -> None:
+    """Without the stack's extra class, exactly its GPU pods are denied their RuntimeClass."""
+    denials = guardrails.evaluate(
+        k8s_manifests,
+        registry=guardrail_data.registry,
+        gpu_runc_allowed=False,
+        gpu_resource=guardrail_data.gpu_resource,
+    )
+    assert denials
+    assert {message.split(" ", 1)[0] for message in denials} == {"K8S-010"}
+    assert all("kata-qemu-nvidia-gpu" in message for message in denials), denials
 
 
 def test_guardrails_catch_a_tampered_stack(k8s_manifests: list[dict[str, Any]]) -> None:

@@ -348,6 +348,9 @@ def test_runtime_class_follows_the_profile() -> None:
     cfg = datacenter_config()
     profile = json.loads(cfg["sovereign:profile"])
     profile["sandbox"]["runtime"] = "gvisor"
+    # GPU pods follow the sandbox too, and the GPU operator's Kata class applies only with kata.
+    profile["cluster"]["gpu_runtime_class"] = None
+    profile["cluster"]["gpu_resource"] = "nvidia.com/gpu"
     cfg["sovereign:profile"] = json.dumps(profile)
     resources = synth(build, cfg)
     assert (

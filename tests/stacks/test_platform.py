@@ -76,9 +76,13 @@ def with_nodes(nodes: list[dict[str, Any]]) -> dict[str, str]:
     return flat
 
 
-def gpu_quota(resources: list[Synthesized]) -> str:
+# The committed profile passes whole GPUs into Kata guests: the GPU operator's resource.
+GPU_RESOURCE = "nvidia.com/pgpu"
+
+
+def gpu_quota(resources: list[Synthesized], gpu_resource: str = GPU_RESOURCE) -> str:
     (quota,) = by_namespace(resources, "ResourceQuota")[config.RUNTIME_NAMESPACE]
-    return str(quota["spec"]["hard"]["requests.nvidia.com/gpu"])
+    return str(quota["spec"]["hard"][f"requests.{gpu_resource}"])
 
 
 def test_component_type_token(resources: list[Synthesized]) -> None:
@@ -184,9 +188,11 @@ def test_runtime_quota_holds_every_nvidia_gpu(resources: list[Synthesized]) -> N
     # gpu-01 and gpu-02 have 8 each; the control plane nodes' default gpu_count of 1 is not a GPU.
     assert gpu_quota(resources) == "16"
     quotas = by_namespace(resources, "ResourceQuota")
+    # Only the resource GPU pods request is counted; the plain one is not.
+    assert "requests.nvidia.com/gpu" not in quotas[config.RUNTIME_NAMESPACE][0]["spec"]["hard"]
     for namespace, (quota,) in quotas.items():
         if namespace != config.RUNTIME_NAMESPACE:
-            assert not any("nvidia.com/gpu" in key for key in quota["spec"]["hard"]), namespace
+            assert not any("nvidia.com/" in key for key in quota["spec"]["hard"]), namespace
 
 
 def test_runtime_quota_follows_the_profile_nodes() -> None:
@@ -309,7 +315,7 @@ def test_every_workload_of_the_stack_fits_its_namespace(stack: list[Synthesized]
             "limits.cpu": cpu_m(overhead.get("cpu", "0m")),
             "requests.memory": memory_mi(overhead.get("memory", "0Mi")),
             "limits.memory": memory_mi(overhead.get("memory", "0Mi")),
-            "requests.nvidia.com/gpu": 0,
+            f"requests.{GPU_RESOURCE}": 0,
         }
         for container in pod["containers"]:
             resources = container["resources"]
@@ -317,10 +323,13 @@ def test_every_workload_of_the_stack_fits_its_namespace(stack: list[Synthesized]
             sums["limits.cpu"] += cpu_m(str(resources["limits"]["cpu"]))
             sums["requests.memory"] += memory_mi(str(resources["requests"]["memory"]))
             sums["limits.memory"] += memory_mi(str(resources["limits"]["memory"]))
-            sums["requests.nvidia.com/gpu"] += int(resources["requests"].get("nvidia.com/gpu", 0))
+            sums[f"requests.{GPU_RESOURCE}"] += int(resources["requests"].get(GPU_RESOURCE, 0))
+            assert "nvidia.com/gpu" not in resources["requests"], meta["name"]
         for key, value in sums.items():
             total[key] = total.get(key, 0) + count * value
     assert workloads > 0
+    # The vLLM pods' GPUs are counted, and fit the runtime namespace's quota.
+    assert used[config.RUNTIME_NAMESPACE][f"requests.{GPU_RESOURCE}"] > 0
     parse = {"cpu": cpu_m, "memory": memory_mi}
     for namespace, total in used.items():
         hard = quotas[namespace]
@@ -332,18 +341,17 @@ def test_every_workload_of_the_stack_fits_its_namespace(stack: list[Synthesized]
             assert value <= limit, (namespace, key, value, limit)
 
 
-def test_kata_gpu_passthrough_quota_counts_the_clusters_gpu_resource() -> None:
-    flat = datacenter_config()
-    profile = json.loads(flat["sovereign:profile"])
-    profile["cluster"]["gpu_runtime_class"] = "kata-qemu-nvidia-gpu"
-    profile["cluster"]["gpu_resource"] = "nvidia.com/pgpu"
-    flat["sovereign:profile"] = json.dumps(profile)
-
+def _platform_and_runtime(flat: dict[str, str] | None = None) -> list[Synthesized]:
     def make(settings: config.StackSettings) -> None:
         Platform("platform", PlatformArgs(settings))
         Runtime("runtime", RuntimeArgs(settings))
 
-    resources = synth(make, flat)
+    return synth(make, flat)
+
+
+def test_kata_gpu_passthrough_quota_counts_the_clusters_gpu_resource() -> None:
+    """The committed profile: kata-qemu-nvidia-gpu with nvidia.com/pgpu."""
+    resources = _platform_and_runtime()
     (quota,) = by_namespace(resources, "ResourceQuota")[config.RUNTIME_NAMESPACE]
     hard = quota["spec"]["hard"]
     assert hard["requests.nvidia.com/pgpu"] == "16"
@@ -363,3 +371,29 @@ def test_kata_gpu_passthrough_quota_counts_the_clusters_gpu_resource() -> None:
             assert "nvidia.com/gpu" not in container["resources"]["requests"]
             requested += int(container["resources"]["requests"]["nvidia.com/pgpu"])
     assert 0 < requested <= int(hard["requests.nvidia.com/pgpu"])
+
+
+def test_gvisor_gpu_quota_counts_the_device_plugins_gpus() -> None:
+    """Without the Kata GPU class, GPU pods ask for (and the quota counts) nvidia.com/gpu."""
+    flat = datacenter_config()
+    profile = json.loads(flat["sovereign:profile"])
+    profile["cluster"]["gpu_runtime"] = "gvisor"
+    profile["cluster"]["gpu_runtime_class"] = None
+    profile["cluster"]["gpu_resource"] = "nvidia.com/gpu"
+    flat["sovereign:profile"] = json.dumps(profile)
+    resources = _platform_and_runtime(flat)
+    assert gpu_quota(resources, "nvidia.com/gpu") == "16"
+    (quota,) = by_namespace(resources, "ResourceQuota")[config.RUNTIME_NAMESPACE]
+    assert "requests.nvidia.com/pgpu" not in quota["spec"]["hard"]
+    deployments = [
+        d
+        for d in of_kind(resources, "Deployment")
+        if d["metadata"]["namespace"] == config.RUNTIME_NAMESPACE
+    ]
+    assert deployments
+    for deployment in deployments:
+        pod = deployment["spec"]["template"]["spec"]
+        assert pod["runtimeClassName"] == "gvisor"
+        for container in pod["containers"]:
+            assert "nvidia.com/pgpu" not in container["resources"]["requests"]
+            assert int(container["resources"]["requests"]["nvidia.com/gpu"]) > 0

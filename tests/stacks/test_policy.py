@@ -210,7 +210,13 @@ def test_pod_is_hardened(built: Built) -> None:
 
 
 def test_runtime_class_follows_the_profile() -> None:
-    built = Built(with_profile("sandbox", "runtime", "gvisor"))
+    flat = with_profile("sandbox", "runtime", "gvisor")
+    profile = json.loads(flat["sovereign:profile"])
+    # GPU pods follow the sandbox too, and the GPU operator's Kata class applies only with kata.
+    profile["cluster"]["gpu_runtime_class"] = None
+    profile["cluster"]["gpu_resource"] = "nvidia.com/gpu"
+    flat["sovereign:profile"] = json.dumps(profile)
+    built = Built(flat)
     assert built.pod["runtimeClassName"] == "gvisor"
 
 

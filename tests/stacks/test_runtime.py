@@ -125,9 +125,10 @@ def test_deployment_per_launch(default: tuple[list[Synthesized], Any]) -> None:
         for key in ("HOME", "XDG_CACHE_HOME", "TRITON_CACHE_DIR", "HF_HOME", "VLLM_CACHE_ROOT"):
             assert env[key].startswith(cache + "/"), key
         resources_ = container["resources"]
+        # The committed profile passes whole GPUs into Kata guests (cluster.gpu_resource).
         for kind in ("requests", "limits"):
-            assert resources_[kind]["nvidia.com/gpu"] == str(launch.gpus)
-            assert set(resources_[kind]) == {"cpu", "memory", "nvidia.com/gpu"}
+            assert resources_[kind]["nvidia.com/pgpu"] == str(launch.gpus)
+            assert set(resources_[kind]) == {"cpu", "memory", "nvidia.com/pgpu"}
         assert int(resources_["requests"]["cpu"]) == 4 * launch.gpus
         assert resources_["requests"]["memory"] == f"{32 * launch.gpus}Gi"
         assert [(p["name"], p["containerPort"]) for p in container["ports"]] == [
@@ -168,7 +169,8 @@ def test_pod_security_and_placement(default: tuple[list[Synthesized], Any]) -> N
     resources, built = default
     for model, _ in launches(built["settings"]):
         pod = pod_of(resources, vllm.vllm_service_name(model))
-        assert pod["runtimeClassName"] == "kata"
+        # The GPU operator's Kata class (cluster.gpu_runtime_class), not the plain kata.
+        assert pod["runtimeClassName"] == "kata-qemu-nvidia-gpu"
         assert pod["priorityClassName"] == PRIORITY_SERVING
         assert pod["automountServiceAccountToken"] is False
         assert pod["securityContext"]["runAsNonRoot"] is True
@@ -243,6 +245,10 @@ def test_network_policy_admits_only_the_gateway(default: tuple[list[Synthesized]
 def set_gpu_runtime(value: str | None) -> Any:
     def edit(profile: dict[str, Any]) -> None:
         profile["cluster"]["gpu_runtime"] = value
+        # The GPU operator's Kata class applies only with kata; outside a Kata guest GPU
+        # pods ask for the device plugin's GPUs.
+        profile["cluster"]["gpu_runtime_class"] = None
+        profile["cluster"]["gpu_resource"] = "nvidia.com/gpu"
 
     return edit
 
@@ -250,15 +256,19 @@ def set_gpu_runtime(value: str | None) -> Any:
 @pytest.mark.parametrize(("gpu_runtime", "expected"), [("runc", None), ("gvisor", "gvisor")])
 def test_gpu_runtime_class(gpu_runtime: str, expected: str | None) -> None:
     resources, built = run(profile_config(set_gpu_runtime(gpu_runtime)))
-    for model, _ in launches(built["settings"]):
+    for model, launch in launches(built["settings"]):
         pod = pod_of(resources, vllm.vllm_service_name(model))
         assert pod.get("runtimeClassName") == expected
+        (container,) = pod["containers"]
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == str(launch.gpus)
 
 
 def test_gpu_pods_follow_the_sandbox_when_gpu_runtime_is_unset() -> None:
     def edit(profile: dict[str, Any]) -> None:
         profile["sandbox"]["runtime"] = "gvisor"
         profile["cluster"]["gpu_runtime"] = None
+        profile["cluster"]["gpu_runtime_class"] = None  # a Kata class applies only with kata
+        profile["cluster"]["gpu_resource"] = "nvidia.com/gpu"
 
     resources, built = run(profile_config(edit))
     for model, _ in launches(built["settings"]):
@@ -350,11 +360,12 @@ def test_kata_gpu_passthrough_class_and_resource() -> None:
         ]
 
 
-def test_gpu_runtime_class_does_not_override_runc() -> None:
+def test_gpu_runtime_class_with_runc_gpu_pods_is_refused() -> None:
+    """A Kata GPU class cannot apply to pods that run under runc: refused, not ignored."""
+
     def edit(profile: dict[str, Any]) -> None:
         profile["cluster"]["gpu_runtime"] = "runc"
         profile["cluster"]["gpu_runtime_class"] = "kata-qemu-nvidia-gpu"
 
-    resources, built = run(profile_config(edit))
-    for model, _ in launches(built["settings"]):
-        assert "runtimeClassName" not in pod_of(resources, vllm.vllm_service_name(model))
+    with pytest.raises(ConfigError, match=r"cluster\.gpu_runtime_class: .*applies only with kata"):
+        run(profile_config(edit))

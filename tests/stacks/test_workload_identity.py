@@ -327,6 +327,9 @@ def test_runtime_class_follows_the_profile_but_never_for_node_agents() -> None:
     # A datacenter profile must sandbox (gvisor or kata); runc is refused by the config.
     def edit(profile: dict[str, Any]) -> None:
         profile["sandbox"]["runtime"] = "gvisor"
+        # GPU pods follow the sandbox too; the GPU operator's Kata class applies only with kata.
+        profile["cluster"]["gpu_runtime_class"] = None
+        profile["cluster"]["gpu_resource"] = "nvidia.com/gpu"
 
     items = [r.manifest() for r in synth(build, with_profile(edit)) if r.is_kubernetes]
     assert pod(server(items))["runtimeClassName"] == "gvisor"

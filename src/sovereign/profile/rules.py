@@ -601,9 +601,34 @@ def _cluster(profile: Profile) -> Iterator[Violation]:
                 f"{source!r}: pods load weights from the imported bundle's volume; use a "
                 f"bundle: or hf: source on a cluster, not {scheme}:",
             )
+    yield from _gpu_runtime(profile)
     if profile.memory.key_source == "tpm":
         yield Violation(
             ("memory", "key_source"),
             "a gateway pod cannot reach a node's TPM: use key_source passphrase (a Secret) "
             "or file on a cluster",
+        )
+
+
+def _gpu_runtime(profile: Profile) -> Iterator[Violation]:
+    cluster = profile.cluster
+    if cluster is None or not any(model.engine == "vllm" for model in profile.models):
+        return
+    runtime = cluster.gpu_runtime or profile.sandbox.runtime
+    named = "cluster.gpu_runtime" if cluster.gpu_runtime else "sandbox.runtime"
+    loc: Loc = ("cluster", "gpu_runtime_class")
+    if runtime == "kata" and cluster.gpu_runtime_class is None:
+        # A plain Kata guest sees no GPU the device plugin hands out; the GPU operator's
+        # sandbox workloads pass one through under a RuntimeClass of their own.
+        yield Violation(
+            loc,
+            f"GPU pods run under kata ({named}), which passes no GPU into its guest: name "
+            "the GPU operator's RuntimeClass here (kata-qemu-nvidia-gpu, with gpu_resource "
+            "nvidia.com/pgpu), or set cluster.gpu_runtime to gvisor",
+        )
+    if runtime != "kata" and cluster.gpu_runtime_class is not None:
+        yield Violation(
+            loc,
+            f"GPU pods run under {runtime} ({named}); gpu_runtime_class names a Kata "
+            "class for GPU passthrough and applies only with kata",
         )
