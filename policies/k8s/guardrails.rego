@@ -20,6 +20,15 @@ seccomp_profiles := {"RuntimeDefault", "Localhost"}
 
 apparmor_profiles := {"RuntimeDefault", "Localhost"}
 
+# Pod Security restricted's volume types; hostPath is K8S-009's, with its exemptions.
+volume_types := {
+	"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral",
+	"persistentVolumeClaim", "projected", "secret",
+}
+
+# Pod Security baseline's SELinux types; user and role may not be set at all.
+selinux_types := {"container_t", "container_init_t", "container_kvm_t", "container_engine_t"}
+
 apparmor_annotation_prefix := "container.apparmor.security.beta.kubernetes.io/"
 
 # The Pod Security Standards' "safe" set: namespaced by the kernel, so they cannot touch
@@ -559,3 +568,33 @@ deny contains msg if {
 	proc_mount != "Default"
 	msg := sprintf("K8S-021 proc-mount: %s sets procMount %v, not Default", [_cid(w, field, c), proc_mount])
 }
+
+# Pod Security enforces these only where it is `restricted`; the node-agent namespace is not.
+deny contains msg if {
+	some w in _workloads
+	some volume in _array(object.get(w.spec, "volumes", []))
+	some type in object.keys(volume)
+	not type in {"name", "hostPath"}
+	not type in volume_types
+	msg := sprintf("K8S-022 volume-types: %s uses a %s volume (%v)", [w.id, type, _get(volume, "name", "?")])
+}
+
+deny contains msg if {
+	some w in _workloads
+	some key, value in _get(_get(w.spec, "securityContext", {}), "seLinuxOptions", {})
+	not _selinux_allowed(key, value)
+	msg := sprintf("K8S-023 selinux: %s sets seLinuxOptions.%s %v for the pod", [w.id, key, value])
+}
+
+deny contains msg if {
+	some [w, field, c] in _containers
+	some key, value in _get(_get(c, "securityContext", {}), "seLinuxOptions", {})
+	not _selinux_allowed(key, value)
+	msg := sprintf("K8S-023 selinux: %s sets seLinuxOptions.%s %v", [_cid(w, field, c), key, value])
+}
+
+_selinux_allowed("level", _)
+
+_selinux_allowed("type", value) if value in selinux_types
+
+_selinux_allowed("type", "")

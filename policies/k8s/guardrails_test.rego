@@ -915,3 +915,43 @@ test_gpu_resource_read_from_data if {
 		with data.k8s.guardrails.gpu_resource as "nvidia.com/pgpu"
 	ids(other) == {"K8S-010"}
 }
+
+# --- K8S-022 volume-types ---------------------------------------------------------------
+
+test_network_and_git_volumes_denied if {
+	every volume in [
+		{"name": "v", "nfs": {"server": "10.0.0.1", "path": "/"}},
+		{"name": "v", "gitRepo": {"repository": "https://example.invalid/r"}},
+		{"name": "v", "iscsi": {"targetPortal": "10.0.0.1", "iqn": "iqn.x", "lun": 0}},
+	] {
+		pod_ids({"volumes": [volume]}) == {"K8S-022"}
+	}
+}
+
+test_restricted_volume_types_allowed if {
+	pod_ids({"volumes": [
+		{"name": "a", "emptyDir": {}},
+		{"name": "b", "configMap": {"name": "c"}},
+		{"name": "c", "persistentVolumeClaim": {"claimName": "d"}},
+		{"name": "d", "csi": {"driver": "csi.spiffe.io", "readOnly": true}},
+		{"name": "e", "projected": {"sources": []}},
+	]}) == set()
+}
+
+test_exempt_agent_may_not_mount_nfs if {
+	volumes := array.concat(spire_agent_spec.volumes, [{"name": "share", "nfs": {"server": "10.0.0.1", "path": "/"}}])
+	spec := object.union(spire_agent_spec, {"volumes": volumes})
+	ids(admission(workload("DaemonSet", "sovereign-spire-node", "spire-agent", spec))) == {"K8S-022"}
+}
+
+# --- K8S-023 selinux --------------------------------------------------------------------
+
+test_selinux_user_role_and_foreign_type_denied if {
+	pod_ids({"securityContext": object.union(pod_spec([container("app")]).securityContext, {"seLinuxOptions": {"user": "system_u"}})}) == {"K8S-023"}
+	container_ids({"securityContext": {"seLinuxOptions": {"role": "system_r"}}}) == {"K8S-023"}
+	container_ids({"securityContext": {"seLinuxOptions": {"type": "spc_t"}}}) == {"K8S-023"}
+}
+
+test_selinux_container_types_and_level_allowed if {
+	container_ids({"securityContext": {"seLinuxOptions": {"type": "container_t", "level": "s0:c1,c2"}}}) == set()
+}

@@ -24,7 +24,7 @@ NEGATIVE = FIXTURES / "negative"
 POSITIVE = FIXTURES / "positive"
 EXPECTED = NEGATIVE / "expected.yaml"
 REGISTRY = "registry.dc1.internal:5000"
-RULE_IDS = {f"K8S-{n:03d}" for n in range(1, 22)}
+RULE_IDS = {f"K8S-{n:03d}" for n in range(1, 24)}
 # The rules that need the whole set of manifests; an AdmissionReview carries one object.
 CROSS_OBJECT = {"K8S-014", "K8S-015", "K8S-016"}
 MESSAGE = re.compile(r"^(K8S-\d{3}) [a-z-]+: \S")
@@ -112,6 +112,8 @@ def test_the_brief_negative_fixtures_are_there() -> None:
     assert table["apparmor-unconfined.yaml"] == ["K8S-019"]
     assert table["unsafe-sysctl.yaml"] == ["K8S-020"]
     assert table["unmasked-proc-mount.yaml"] == ["K8S-021"]
+    assert table["nfs-volume.yaml"] == ["K8S-022"]
+    assert table["selinux-spc-type.yaml"] == ["K8S-023"]
     assert table["gpu-runtime-class-not-named.yaml"] == ["K8S-010"]
     assert table["pgpu-pod-on-runc.yaml"] == ["K8S-010"]
 
