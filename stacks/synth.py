@@ -9,6 +9,8 @@ tests check these manifests with kubernetes-validate and the guardrails in polic
 from __future__ import annotations
 
 import argparse
+import asyncio
+import functools
 import io
 import json
 import sys
@@ -92,6 +94,25 @@ def stack_config(path: Path, secrets: Mapping[str, str]) -> dict[str, str]:
     return flat
 
 
+@functools.cache
+def _synthesis_loop() -> asyncio.AbstractEventLoop:
+    """The one event loop every synthesis in this process runs on.
+
+    The SDK drives its RPCs on the thread's current loop, and the mock engine gives each
+    executor thread a loop of its own that it never closes. Kept here, this loop and its
+    executor live as long as the process, so none of those loops is ever collected
+    unclosed; a new loop per synthesis would leak one set each time.
+    """
+    return asyncio.new_event_loop()
+
+
+def _current_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_event_loop_policy().get_event_loop()
+    except RuntimeError:  # none, as `asyncio.run` leaves the thread
+        return None
+
+
 def synthesize(
     build: Callable[[], object],
     config: Mapping[str, str],
@@ -101,14 +122,19 @@ def synthesize(
 ) -> list[Synthesized]:
     """Run `build` under the mock engine with `config`; every resource it registered."""
     recorder = _Recorder()
-    pulumi.runtime.set_mocks(recorder, project=PROJECT, stack=stack, preview=False)
-    pulumi.runtime.set_all_config(dict(config), list(secret_keys))
+    previous = _current_loop()
+    asyncio.set_event_loop(_synthesis_loop())
+    try:
+        pulumi.runtime.set_mocks(recorder, project=PROJECT, stack=stack, preview=False)
+        pulumi.runtime.set_all_config(dict(config), list(secret_keys))
 
-    @pulumi.runtime.test  # type: ignore[untyped-decorator]
-    def run() -> None:
-        build()
+        @pulumi.runtime.test  # type: ignore[untyped-decorator]
+        def run() -> None:
+            build()
 
-    run()
+        run()
+    finally:
+        asyncio.set_event_loop(previous)
     return recorder.resources
 
 
