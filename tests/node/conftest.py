@@ -96,6 +96,13 @@ def node(context: VerifyContext) -> Host:
 
 
 @pytest.fixture(scope="session")
+def sudo(node: Host) -> str:
+    """The prefix that runs a command as root on the node: `sudo -n ` for a hardened node's
+    admin account; nothing when ssh logs in as root, which needs no sudo installed."""
+    return "" if node.user().uid == 0 else "sudo -n "
+
+
+@pytest.fixture(scope="session")
 def output(node: Host) -> Callable[[str], str]:
     """output(command): its stdout, stripped; if it exits non-zero, the check fails saying so."""
 

@@ -15,12 +15,13 @@ from typing import Any
 from sovereign.attestation import verify_quote
 from sovereign.verify import RoleVariables, VerifyContext
 
-QUOTE_COMMAND = "sudo -n /usr/local/sbin/sovereign-quote"
+QUOTE_COMMAND = "/usr/local/sbin/sovereign-quote"
 EXPORTS = ("ak.pub.pem", "ak.name", "golden-pcrs.json")
 
 
 def test_quote_matches_golden_pcrs(
     output: Callable[[str], str],
+    sudo: str,
     context: VerifyContext,
     variables: RoleVariables,
     observe: Callable[..., None],
@@ -31,7 +32,7 @@ def test_quote_matches_golden_pcrs(
     assert not missing, f"provisioning exported no {', '.join(missing)} in {context.exports}"
     pcrs = [int(pcr) for pcr in variables["tpm_attestation_pcrs"]]
     nonce = secrets.token_bytes(20)
-    quote: dict[str, Any] = json.loads(output(f"{QUOTE_COMMAND} {nonce.hex()}"))
+    quote: dict[str, Any] = json.loads(output(f"{sudo}{QUOTE_COMMAND} {nonce.hex()}"))
     golden = json.loads((context.exports / "golden-pcrs.json").read_text())
     result = verify_quote(
         quote, context.exports / "ak.pub.pem", context.exports / "ak.name", nonce, golden, pcrs

@@ -92,7 +92,7 @@ _PLAIN_PATTERN = re.compile(r"[A-Za-z0-9_./*?\[\]-]+")
 
 
 @pytest.fixture(scope="module")
-def sshd(output: Callable[[str], str], variables: RoleVariables) -> dict[str, list[str]]:
+def sshd(output: Callable[[str], str], sudo: str, variables: RoleVariables) -> dict[str, list[str]]:
     """sshd's settings for the operator's own connection: the admin user, from where the
     operator's ssh comes from (10.0.2.2 behind QEMU's user network), to where it arrived."""
     admin = str(variables.get("base_hardening_admin_user") or "sovereign")
@@ -101,20 +101,20 @@ def sshd(output: Callable[[str], str], variables: RoleVariables) -> dict[str, li
         pytest.fail(f"SSH_CONNECTION on the node is {fields}, not client and server addresses")
     client, _, local, local_port = fields
     spec = f"user={admin},addr={client},host=operator,laddr={local},lport={local_port}"
-    return sshd_settings(output(f"sudo -n sshd -T -C {shlex.quote(spec)}"))
+    return sshd_settings(output(f"{sudo}sshd -T -C {shlex.quote(spec)}"))
 
 
-def _includes(output: Callable[[str], str], pattern: str) -> list[str]:
+def _includes(output: Callable[[str], str], sudo: str, pattern: str) -> list[str]:
     """The files an Include pattern names, expanded on the node (relative to /etc/ssh)."""
     if not pattern.startswith("/"):
         pattern = f"/etc/ssh/{pattern}"
     assert _PLAIN_PATTERN.fullmatch(pattern), f"sshd Include {pattern!r}: cannot expand it"
     listing = f'for f in {pattern}; do [ -f "$f" ] && printf "%s\\n" "$f"; done; true'
-    return output(f"sudo -n sh -c {shlex.quote(listing)}").splitlines()
+    return output(f"{sudo}sh -c {shlex.quote(listing)}").splitlines()
 
 
 @pytest.fixture(scope="module")
-def sshd_config(output: Callable[[str], str]) -> dict[str, str]:
+def sshd_config(output: Callable[[str], str], sudo: str) -> dict[str, str]:
     """sshd_config and every file it Includes, however deep: path -> text."""
     files: dict[str, str] = {}
     pending = [SSHD_CONFIG]
@@ -123,17 +123,17 @@ def sshd_config(output: Callable[[str], str]) -> dict[str, str]:
         if path in files:
             continue
         assert len(files) < MAX_CONFIG_FILES, f"sshd reads more than {MAX_CONFIG_FILES} files"
-        files[path] = output(f"sudo -n cat {shlex.quote(path)}")
+        files[path] = output(f"{sudo}cat {shlex.quote(path)}")
         for keyword, arguments in sshd_config_lines(files[path]):
             if keyword == "include":
                 for pattern in arguments.split():
-                    pending += _includes(output, pattern)
+                    pending += _includes(output, sudo, pattern)
     return files
 
 
 @pytest.fixture(scope="module")
-def sysctl(output: Callable[[str], str]) -> dict[str, str]:
-    return sysctl_values(output("sudo -n sysctl -a 2>/dev/null || true"))
+def sysctl(output: Callable[[str], str], sudo: str) -> dict[str, str]:
+    return sysctl_values(output(f"{sudo}sysctl -a 2>/dev/null || true"))
 
 
 def _differences(seen: dict[str, str], wanted: dict[str, str]) -> dict[str, str]:
@@ -225,9 +225,11 @@ def test_account_files_permissions(node: Host, observe: Callable[..., None]) -> 
     assert not wrong, f"account files too open or wrongly owned: {wrong}"
 
 
-def test_root_is_locked(output: Callable[[str], str], observe: Callable[..., None]) -> None:
+def test_root_is_locked(
+    output: Callable[[str], str], sudo: str, observe: Callable[..., None]
+) -> None:
     """root's password is locked: no one logs in as root with a password"""
-    status = output("sudo -n passwd -S root").split()
+    status = output(f"{sudo}passwd -S root").split()
     observe(passwd_status=" ".join(status[:2]))
     assert status[1:2] == ["L"], f"root's password status is {status[1:2]}, not L (locked)"
 
@@ -245,11 +247,11 @@ def test_journald_is_persistent(
 
 
 def test_no_unexpected_setuid(
-    output: Callable[[str], str], variables: RoleVariables, observe: Callable[..., None]
+    output: Callable[[str], str], sudo: str, variables: RoleVariables, observe: Callable[..., None]
 ) -> None:
     """No setuid or setgid file on the root file system beyond base_hardening_suid_allowed"""
     allowed = set(variables["base_hardening_suid_allowed"])
-    found = set(output("sudo -n find / -xdev -perm /6000 -type f").split())
+    found = set(output(f"{sudo}find / -xdev -perm /6000 -type f").split())
     observe(found=sorted(found), allowed=sorted(allowed))
     unexpected = sorted(found - allowed)
     assert not unexpected, f"setuid/setgid files not in the allowlist: {unexpected}"

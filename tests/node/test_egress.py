@@ -91,25 +91,30 @@ def test_allowed_canary_is_reached(
     assert after > before, "the allowed canary logged no new connection"
 
 
-def _ruleset(output: Callable[[str], str]) -> dict[str, Any]:
-    ruleset: dict[str, Any] = json.loads(output("sudo -n nft -j list ruleset"))
+def _ruleset(output: Callable[[str], str], sudo: str) -> dict[str, Any]:
+    ruleset: dict[str, Any] = json.loads(output(f"{sudo}nft -j list ruleset"))
     return ruleset
 
 
-def test_default_policies_drop(output: Callable[[str], str], observe: Callable[..., None]) -> None:
+def test_default_policies_drop(
+    output: Callable[[str], str], sudo: str, observe: Callable[..., None]
+) -> None:
     """nftables drops by default: the input, forward and output policies are drop"""
-    policies = firewall.policies(_ruleset(output))
+    policies = firewall.policies(_ruleset(output, sudo))
     observe(table=" ".join(firewall.TABLE), policies=policies)
     wrong = {hook: policy for hook, policy in policies.items() if policy != "drop"}
     assert not wrong, f"base chain policies that are not drop: {wrong}"
 
 
 def test_only_allowlist_goes_out(
-    output: Callable[[str], str], variables: RoleVariables, observe: Callable[..., None]
+    output: Callable[[str], str],
+    sudo: str,
+    variables: RoleVariables,
+    observe: Callable[..., None],
 ) -> None:
     """Every allowlist entry is open, nothing else goes out or is forwarded, and no table
     rewrites or reroutes a packet"""
-    found = firewall.audit(_ruleset(output), variables)
+    found = firewall.audit(_ruleset(output, sudo), variables)
     observe(
         allowlist=[str(entry) for entry in firewall.profile_entries(variables)],
         openings=[str(opening) for opening in found.openings],
@@ -137,10 +142,10 @@ def _expected(listener: Listener, variables: RoleVariables) -> bool:
 
 
 def test_only_expected_sockets_listen(
-    output: Callable[[str], str], variables: RoleVariables, observe: Callable[..., None]
+    output: Callable[[str], str], sudo: str, variables: RoleVariables, observe: Callable[..., None]
 ) -> None:
     """Only sshd and what the profile runs (gateway, mesh, DHCP client) listen"""
-    found = listeners(output("sudo -n ss -Hlntup"))
+    found = listeners(output(f"{sudo}ss -Hlntup"))
     unexpected = [str(listener) for listener in found if not _expected(listener, variables)]
     observe(listening=[str(listener) for listener in found])
     assert not unexpected, f"unexpected listeners: {', '.join(unexpected)}"

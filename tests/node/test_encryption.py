@@ -48,7 +48,10 @@ def _volume(variables: RoleVariables) -> tuple[str, str, str]:
 
 
 def test_data_mount_is_luks2(
-    output: Callable[[str], str], variables: RoleVariables, observe: Callable[..., None]
+    output: Callable[[str], str],
+    sudo: str,
+    variables: RoleVariables,
+    observe: Callable[..., None],
 ) -> None:
     """The data mount is ext4 on a dm-crypt LUKS2 mapping of the data partition"""
     device, name, mount = _volume(variables)
@@ -59,7 +62,7 @@ def test_data_mount_is_luks2(
         (key.strip(), value.strip())
         for key, _, value in (
             line.partition(":")
-            for line in output(f"sudo -n cryptsetup status {shlex.quote(name)}").splitlines()[1:]
+            for line in output(f"{sudo}cryptsetup status {shlex.quote(name)}").splitlines()[1:]
         )
     )
     real_device = output(f"readlink -f {shlex.quote(device)}")
@@ -82,12 +85,15 @@ def test_data_mount_is_luks2(
 
 
 def test_tpm2_token_bound_to_profile_pcrs(
-    output: Callable[[str], str], variables: RoleVariables, observe: Callable[..., None]
+    output: Callable[[str], str],
+    sudo: str,
+    variables: RoleVariables,
+    observe: Callable[..., None],
 ) -> None:
     """A systemd-tpm2 token binds the volume to the profile's disk PCRs; no other keyslot"""
     device, _, _ = _volume(variables)
     metadata = json.loads(
-        output(f"sudo -n cryptsetup luksDump --dump-json-metadata {shlex.quote(device)}")
+        output(f"{sudo}cryptsetup luksDump --dump-json-metadata {shlex.quote(device)}")
     )
     binding = luks_binding(metadata)
     want = tuple(sorted(int(pcr) for pcr in variables["disk_encryption_tpm_pcrs"]))
@@ -107,16 +113,20 @@ def test_tpm2_token_bound_to_profile_pcrs(
 
 
 def test_no_key_material_on_disk(
-    node: Host, output: Callable[[str], str], variables: RoleVariables, observe: Callable[..., None]
+    node: Host,
+    output: Callable[[str], str],
+    sudo: str,
+    variables: RoleVariables,
+    observe: Callable[..., None],
 ) -> None:
     """No key file in crypttab or cryptsetup-keys.d, and no recovery key stored on the node"""
     _, name, mount = _volume(variables)
-    entries = crypttab(output("sudo -n cat /etc/crypttab"))
+    entries = crypttab(output(f"{sudo}cat /etc/crypttab"))
     ours = [entry for entry in entries if entry.name == name]
     key_dir_file = f"/etc/cryptsetup-keys.d/{name}.key"
-    key_dir_check = node.run(f"sudo -n test -e {shlex.quote(key_dir_file)}")
+    key_dir_check = node.run(f"{sudo}test -e {shlex.quote(key_dir_file)}")
     search = node.run(
-        f"sudo -n sh -c {shlex.quote(SEARCH_SCRIPT)} search {shlex.quote(mount)} "
+        f"{sudo}sh -c {shlex.quote(SEARCH_SCRIPT)} search {shlex.quote(mount)} "
         f"{shlex.quote(RECOVERY_KEY_PATTERN)} {' '.join(SEARCHED)}"
     )
     found = search.stdout.splitlines()
@@ -132,7 +142,7 @@ def test_no_key_material_on_disk(
     )
     assert search.rc == 0, (
         f"the search for stored recovery keys did not cover every file: "
-        f"{SEARCH_FAILED.get(search.rc, 'sudo or ssh')} exited {search.rc}: "
+        f"{SEARCH_FAILED.get(search.rc, 'sh, sudo or ssh')} exited {search.rc}: "
         f"{search.stderr.strip()[-500:]}"
     )
     assert ours, f"/etc/crypttab has no entry for {name}"
@@ -146,20 +156,24 @@ def test_no_key_material_on_disk(
 
 
 def test_canary_not_in_raw_partition(
-    node: Host, output: Callable[[str], str], variables: RoleVariables, observe: Callable[..., None]
+    node: Host,
+    output: Callable[[str], str],
+    sudo: str,
+    variables: RoleVariables,
+    observe: Callable[..., None],
 ) -> None:
     """A string written through the mount is on disk, but not in the raw partition's bytes"""
     device, name, mount = _volume(variables)
     canary = f"sovereign-verify-canary-{secrets.token_hex(16)}"
     path = shlex.quote(f"{mount}/.sovereign-verify-{secrets.token_hex(4)}")
     try:
-        output(f"printf %s {canary} | sudo -n tee {path} >/dev/null")
-        output("sudo -n sh -c 'sync && echo 3 > /proc/sys/vm/drop_caches'")
-        grep = f"sudo -n timeout {RAW_GREP_TIMEOUT_S} grep -c -a -F {canary}"
+        output(f"printf %s {canary} | {sudo}tee {path} >/dev/null")
+        output(f"{sudo}sh -c 'sync && echo 3 > /proc/sys/vm/drop_caches'")
+        grep = f"{sudo}timeout {RAW_GREP_TIMEOUT_S} grep -c -a -F {canary}"
         mapped = node.run(f"{grep} /dev/mapper/{shlex.quote(name)}")
         raw = node.run(f"{grep} {shlex.quote(device)}")
     finally:
-        node.run(f"sudo -n rm -f {path}")
+        node.run(f"{sudo}rm -f {path}")
     observe(
         canary_in_mapping=mapped.stdout.strip(),
         canary_in_raw_partition=raw.stdout.strip(),
@@ -176,11 +190,13 @@ def test_canary_not_in_raw_partition(
     )
 
 
-def test_tpm_unlock(node: Host, variables: RoleVariables, observe: Callable[..., None]) -> None:
+def test_tpm_unlock(
+    node: Host, sudo: str, variables: RoleVariables, observe: Callable[..., None]
+) -> None:
     """The TPM unlocks the volume now; after a PCR change this is the check that fails"""
     device, _, _ = _volume(variables)
     result = node.run(
-        "sudo -n cryptsetup open --test-passphrase --token-only --token-type systemd-tpm2 "
+        f"{sudo}cryptsetup open --test-passphrase --token-only --token-type systemd-tpm2 "
         f"{shlex.quote(device)}"
     )
     observe(exit=result.rc, said=result.stderr.strip()[-500:])

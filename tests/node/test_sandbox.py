@@ -121,6 +121,7 @@ def test_runsc_is_the_default_runtime_with_no_network(
 def test_runsc_container_has_no_network(
     node: Host,
     output: Callable[[str], str],
+    sudo: str,
     connect: Callable[[str], Probe],
     context: VerifyContext,
     observe: Callable[..., None],
@@ -142,7 +143,7 @@ def test_runsc_container_has_no_network(
     host, port = split_host_port(target)
     control = connect(target)  # errors unless the probe really ran
     arguments = " ".join(shlex.quote(str(a)) for a in (found[0], platform, network, host, port))
-    result = node.run(f"sudo -n sh -c {shlex.quote(BUNDLE_SCRIPT)} sandbox {arguments}")
+    result = node.run(f"{sudo}sh -c {shlex.quote(BUNDLE_SCRIPT)} sandbox {arguments}")
     net_dev, _, probe = result.stdout.partition(PROBE)
     seen = interfaces(net_dev)
     line = next((line for line in probe.splitlines() if line.startswith(MARKER)), "")
