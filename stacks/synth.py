@@ -15,6 +15,7 @@ import io
 import json
 import sys
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,22 +96,19 @@ def stack_config(path: Path, secrets: Mapping[str, str]) -> dict[str, str]:
 
 
 @functools.cache
-def _synthesis_loop() -> asyncio.AbstractEventLoop:
-    """The one event loop every synthesis in this process runs on.
+def _synthesis_thread() -> ThreadPoolExecutor:
+    """The one thread every synthesis in this process runs on, with its own event loop.
 
     The SDK drives its RPCs on the thread's current loop, and the mock engine gives each
-    executor thread a loop of its own that it never closes. Kept here, this loop and its
-    executor live as long as the process, so none of those loops is ever collected
-    unclosed; a new loop per synthesis would leak one set each time.
+    executor thread a loop of its own that it never closes. On a thread that lives as long
+    as the process, none of those loops is ever collected unclosed, and the caller's own
+    event loop state is never read or changed (reading it would create a loop in 3.11).
     """
-    return asyncio.new_event_loop()
-
-
-def _current_loop() -> asyncio.AbstractEventLoop | None:
-    try:
-        return asyncio.get_event_loop_policy().get_event_loop()
-    except RuntimeError:  # none, as `asyncio.run` leaves the thread
-        return None
+    return ThreadPoolExecutor(
+        max_workers=1,
+        thread_name_prefix="pulumi-synthesis",
+        initializer=lambda: asyncio.set_event_loop(asyncio.new_event_loop()),
+    )
 
 
 def synthesize(
@@ -122,9 +120,8 @@ def synthesize(
 ) -> list[Synthesized]:
     """Run `build` under the mock engine with `config`; every resource it registered."""
     recorder = _Recorder()
-    previous = _current_loop()
-    asyncio.set_event_loop(_synthesis_loop())
-    try:
+
+    def run_in_engine() -> None:
         pulumi.runtime.set_mocks(recorder, project=PROJECT, stack=stack, preview=False)
         pulumi.runtime.set_all_config(dict(config), list(secret_keys))
 
@@ -133,8 +130,8 @@ def synthesize(
             build()
 
         run()
-    finally:
-        asyncio.set_event_loop(previous)
+
+    _synthesis_thread().submit(run_in_engine).result()
     return recorder.resources
 
 
