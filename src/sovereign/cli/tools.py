@@ -56,7 +56,12 @@ def install(
     ] = None,
 ) -> None:
     """Install pinned components into the tools cache; already installed ones are left alone."""
-    selected = _select(names)
+    if not install_components(_select(names)):
+        raise typer.Exit(1)
+
+
+def install_components(selected: list[tools.Component]) -> bool:
+    """Install each component, with progress and a table of what was done; False if any failed."""
     root = tools.tools_dir()
     results: list[tuple[tools.Component, str, str, float]] = []
     failed = False
@@ -93,7 +98,7 @@ def install(
 
     if all(status == "present" for _, status, _, _ in results):
         console.print(f"Nothing to do: {len(results)} already installed in {root}.")
-        return
+        return True
     table = Table(title=f"sovereign tools ({root})")
     for column in ("tool", "version", "result", "time"):
         table.add_column(column, no_wrap=True)
@@ -109,8 +114,7 @@ def install(
             Text(detail),
         )
     console.print(table)
-    if failed:
-        raise typer.Exit(1)
+    return not failed
 
 
 @tools_app.command("list")

@@ -27,9 +27,11 @@ from sovereign import issuer, tools
 from sovereign.cli import app
 from sovereign.cli.output import EXIT_BAD_INPUT, EXIT_FAILED, console, errors
 from sovereign.cli.profile import load_or_exit
+from sovereign.cli.tools import install_components
 from sovereign.profile.model import Profile
 from sovereign.profile.types import split_host_port
 from sovereign.render import RenderError, render_to
+from sovereign.render.gateway import replicas
 
 READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 15.0
@@ -171,10 +173,31 @@ def _prepare_local_dirs(profile: Profile) -> None:
             raise typer.Exit(EXIT_FAILED) from None
 
 
-def _opa_command(profile: Profile, render_dir: Path) -> list[str] | None:
+def _runs_opa(profile: Profile) -> bool:
+    """Whether `up` starts OPA: a remote engine on this machine's loopback."""
     url = urlsplit(str(profile.policy.opa_url))
-    if profile.policy.engine != "remote" or url.hostname not in ("127.0.0.1", "localhost"):
+    return profile.policy.engine == "remote" and url.hostname in ("127.0.0.1", "localhost")
+
+
+def needed_tools(profile: Profile) -> list[tools.Component]:
+    """The pinned components the node runs from the tools cache: the `pkg:` weights of every
+    model the gateway runs itself and of its embedded embedding model, and OPA if `up`
+    starts it."""
+    sources = [model.source for model in profile.models if not replicas(profile, model)]
+    embeddings = profile.memory.embeddings
+    if embeddings.engine == "embedded":
+        sources += [embeddings.source, embeddings.tokenizer]
+    names = [source[4:].partition("/")[0] for source in sources if source.startswith("pkg:")]
+    if _runs_opa(profile):
+        names.append("opa")
+    # An unknown pkg: name is left to the render, which names the field.
+    return [tools.REGISTRY[name] for name in dict.fromkeys(names) if name in tools.REGISTRY]
+
+
+def _opa_command(profile: Profile, render_dir: Path) -> list[str] | None:
+    if not _runs_opa(profile):
         return None
+    url = urlsplit(str(profile.policy.opa_url))
     command = [
         str(tools.opa_binary()),
         "run",
@@ -209,6 +232,10 @@ def up(
             "error: kind datacenter runs on Kubernetes; deploy it with `pulumi up`", markup=False
         )
         raise typer.Exit(EXIT_BAD_INPUT)
+    # Before the render, which points pkg: sources into the tools cache.
+    if not install_components(needed_tools(profile)):
+        errors.print("error: the node's pinned components could not be installed", markup=False)
+        raise typer.Exit(EXIT_FAILED)
     root = (state_dir or default_state_dir()) / profile.name
     render_dir = root / "render"
     try:
