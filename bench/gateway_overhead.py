@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sovereign import issuer
+from sovereign_gateway import issuer
+
 from sovereign.profile.loader import parse_profile
 from sovereign.render import render_to
 

@@ -21,7 +21,7 @@ from typing import Any, Literal, get_args
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from sovereign_gateway.keyfiles import (
+from sovereign_gateway.contract import (
     KeyFileError,
     load_or_create_private_key,
     load_public_key,

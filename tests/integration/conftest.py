@@ -24,11 +24,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sovereign_gateway import issuer
 
-from sovereign import issuer, tools
+from sovereign import tools
 from sovereign.profile.loader import parse_profile
 from sovereign.render import render_to
 from sovereign.render.keycloak import CLI_CLIENT, realm
+from tests.cli import sovereign as run_sovereign
 
 ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 60
@@ -150,12 +152,13 @@ def profile_text(
     models: str | None = None,
     roles: str = "",
     memory: str = "",
+    gateway: str = "",
 ) -> str:
     """A personal node profile with every path under `home` and models served by `upstream`.
 
     `models` replaces the two upstream models with a YAML list (the `models:` key's value);
-    `roles` adds lines under identity.roles and `memory` lines under memory (YAML, indented
-    as their siblings are).
+    `roles` adds lines under identity.roles, `memory` lines under memory and `gateway` lines
+    under gateway (YAML, indented as their siblings are).
     """
     identity = identity or (
         f"  provider: local\n  issuer: http://127.0.0.1:{port}/local\n"
@@ -208,7 +211,7 @@ audit:
   capture_content: {str(capture_content).lower()}
 gateway:
   listen: 127.0.0.1:{port}
-"""
+{gateway}"""
 
 
 @dataclass
@@ -487,3 +490,58 @@ def keycloak(tmp_path_factory: pytest.TempPathFactory, upstream: str) -> Iterato
         yield Keycloak(base=base, realm="sovereign", process=process, admin_password=admin_password)
     finally:
         stop(process)
+
+
+@contextmanager
+def pypiserver(packages: Path, log: Path) -> Iterator[str]:
+    """pypiserver over `packages`; gives its PEP 503 (HTML only) index URL.
+
+    `--disable-fallback`, or it redirects what it lacks to pypi.org.
+    """
+    port = free_port()
+    process = start(
+        [
+            sys.executable,
+            "-m",
+            "pypiserver",
+            "run",
+            "-i",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "--disable-fallback",
+            "-a",
+            ".",
+            "-P",
+            ".",
+            str(packages),
+        ],
+        log,
+    )
+    try:
+        wait_listening(f"http://127.0.0.1:{port}/simple/", process, log, START_TIMEOUT_S)
+        yield f"http://127.0.0.1:{port}/simple/"
+    finally:
+        stop(process)
+
+
+# The gateway's wheelhouse, made once per session: its index is pypiserver over the locked
+# packages `sovereign tools install gateway-packages` fetched; llama-cpp-python is there
+# only as its sdist, so the first run on a machine builds it (minutes, then cached).
+@pytest.fixture(scope="session")
+def gateway_index(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    log = tmp_path_factory.mktemp("gateway-index") / "pypiserver.log"
+    with pypiserver(tools.gateway_packages(), log) as index:
+        yield index
+
+
+@pytest.fixture(scope="session")
+def wheelhouse(gateway_index: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("wheelhouse") / "personal"
+    made = run_sovereign(
+        "gateway", "wheels", ROOT / "profiles" / "personal.yaml", "--out", out,
+        "--index", gateway_index, timeout=2400,
+    )  # fmt: skip
+    assert made.exit_code == 0, made.output
+    assert f"✓ wheelhouse {out}:" in made.stdout
+    return out

@@ -8,7 +8,7 @@ from pathlib import PurePosixPath
 from typing import Any
 
 import pytest
-from sovereign_gateway.config import GatewayConfig
+from sovereign_gateway.contract import GatewayConfig
 
 from sovereign.profile.derived import BUNDLE_ROOT
 from sovereign.render import vllm

@@ -1,4 +1,8 @@
-"""`sovereign lock keygen|create|verify`: exit 0 when it holds, 1 on violation, 2 on bad input."""
+"""`sovereign lock keygen|create|verify`: exit 0 when it holds, 1 on violation, 2 on bad input.
+
+The work is `sovereign-gateway admin lock`, run here in this process with the render's
+config; the last test runs the toolkit's own command, which delegates to it.
+"""
 
 from __future__ import annotations
 
@@ -7,22 +11,28 @@ import stat
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner, Result
 
-from sovereign.cli import app
+from services.gateway.tests.commands import Ran, run_admin
+from sovereign.profile.loader import load_profile
+from sovereign.render import render_to
+from tests.cli import sovereign
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _invoke(*args: str | Path) -> Result:
-    return CliRunner().invoke(app, [str(arg) for arg in args])
+def _invoke(*args: str | Path) -> Ran:
+    """The toolkit's arguments, as it hands them to the gateway's admin command."""
+    given = list(args)
+    if "--render" in given:
+        at = given.index("--render")
+        given[at : at + 2] = ["--config", Path(given[at + 1]) / "gateway" / "config.json"]
+    return run_admin(*given)
 
 
 @pytest.fixture
 def render(tmp_path: Path) -> Path:
     out = tmp_path / "render"
-    result = _invoke("render", ROOT / "profiles" / "personal.yaml", "--out", out)
-    assert result.exit_code == 0, result.output
+    render_to(load_profile(ROOT / "profiles" / "personal.yaml"), out)
     return out
 
 
@@ -42,7 +52,7 @@ def manifest(tmp_path: Path, render: Path, keys: Path) -> Path:
     return out
 
 
-def _verify(manifest: Path, keys: Path, *extra: str | Path) -> Result:
+def _verify(manifest: Path, keys: Path, *extra: str | Path) -> Ran:
     return _invoke("lock", "verify", manifest, "--public-key", keys / "lock.pub", *extra)
 
 
@@ -74,7 +84,7 @@ def test_verify_accepts_the_manifest_and_its_render(
     assert _verify(manifest, keys).exit_code == 0
     result = _verify(manifest, keys, "--render", render)
     assert result.exit_code == 0, result.output
-    assert "signature and render ok" in result.stdout
+    assert "signature and config ok" in result.stdout
 
 
 def test_verify_lists_every_drift_of_the_render(manifest: Path, keys: Path, render: Path) -> None:
@@ -142,7 +152,7 @@ def test_create_with_an_invalid_config_names_the_file_and_field(
         "--out", tmp_path / "lock.json",
     )  # fmt: skip
     assert result.exit_code == 2
-    assert f"{config}: listen.port:" in result.stderr
+    assert f"{config} is not a valid gateway config: listen.port:" in result.stderr
     assert "Traceback" not in result.output
     assert not (tmp_path / "lock.json").exists()
 
@@ -171,3 +181,19 @@ def test_create_with_a_public_key_as_signing_key_is_bad_input(
     assert result.exit_code == 2
     assert f"{keys / 'lock.pub'} is not an unencrypted PEM private key" in result.stderr
     assert not (tmp_path / "lock.json").exists()
+
+
+def test_the_toolkit_command_delegates_with_the_renders_config(
+    manifest: Path, keys: Path, render: Path
+) -> None:
+    held = sovereign(
+        "lock", "verify", manifest, "--public-key", keys / "lock.pub", "--render", render
+    )
+    assert held.exit_code == 0, held.output
+    assert "signature and config ok" in held.stdout
+    (render / "policy" / "extra.rego").write_text("package extra\n")
+    drifted = sovereign(
+        "lock", "verify", manifest, "--public-key", keys / "lock.pub", "--render", render
+    )
+    assert drifted.exit_code == 1
+    assert "violation: policy bundle" in drifted.stderr

@@ -7,9 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from sovereign.profile.defaults import EMBEDDED_DEFAULT
-from sovereign.profile.loader import parse_profile
-from sovereign.render.gateway import gateway_config
+from services.gateway.tests.configs import config_document
 
 
 def _run(config: Path) -> subprocess.CompletedProcess[str]:
@@ -24,7 +22,7 @@ def _run(config: Path) -> subprocess.CompletedProcess[str]:
 
 def test_invalid_config_exits_2_with_the_field_and_no_traceback(tmp_path: Path) -> None:
     path = tmp_path / "config.json"
-    document = json.loads(gateway_config(parse_profile(EMBEDDED_DEFAULT, "x")).model_dump_json())
+    document = config_document(tmp_path)
     document["listen"]["port"] = "8000"
     path.write_text(json.dumps(document))
 
@@ -40,3 +38,16 @@ def test_missing_config_exits_2(tmp_path: Path) -> None:
 
     assert proc.returncode == 2
     assert "cannot read" in proc.stderr
+
+
+def test_a_config_of_another_schema_version_exits_2_naming_both(tmp_path: Path) -> None:
+    path = tmp_path / "config.json"
+    document = config_document(tmp_path)
+    document["schema_version"] = 1
+    path.write_text(json.dumps(document))
+
+    proc = _run(path)
+
+    assert proc.returncode == 2
+    assert "this gateway reads config schema_version 2, not 1" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -27,7 +27,7 @@ from sovereign_gateway.audit import (
     AuditUnavailable,
     verify,
 )
-from sovereign_gateway.keyfiles import load_or_create_private_key
+from sovereign_gateway.contract import load_or_create_private_key
 
 T = TypeVar("T")
 ZERO = "0" * 64

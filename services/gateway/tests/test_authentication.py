@@ -17,8 +17,8 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from jwt.algorithms import OKPAlgorithm
-from sovereign_gateway.authentication import AuthError, OIDCAuthenticator
-from sovereign_gateway.config import OIDC
+from sovereign_gateway.authentication import AuthError, OIDCBackend
+from sovereign_gateway.contract import OIDC
 
 ISSUER = "http://127.0.0.1:8000/local"
 AUDIENCE = "sovereign-gateway"
@@ -32,7 +32,7 @@ def _oidc(refetch_interval: float = 60) -> OIDC:
         realm="sovereign",
         algorithms=["RS256", "ES256", "EdDSA"],
         clock_skew_seconds=30,
-        jwks_file="jwks.json",
+        local_issuer_dir=".",
         jwks_cache_seconds=300,
         jwks_refetch_interval_seconds=refetch_interval,
         service_clients=["sovereign-memory"],
@@ -68,14 +68,14 @@ def _token(key: Ed25519PrivateKey, kid: str, **overrides: Any) -> str:
     return jwt.encode(claims, key, algorithm="EdDSA", headers={"kid": kid})
 
 
-def _authenticator(tmp_path: Path, refetch_interval: float = 60) -> OIDCAuthenticator:
-    return OIDCAuthenticator(_oidc(refetch_interval), httpx.AsyncClient(), tmp_path / "jwks.json")
+def _authenticator(tmp_path: Path, refetch_interval: float = 60) -> OIDCBackend:
+    return OIDCBackend(_oidc(refetch_interval), httpx.AsyncClient(), tmp_path / "jwks.json")
 
 
 def test_roles_come_from_realm_client_plain_roles_and_groups(tmp_path: Path) -> None:
     keys = _keys(tmp_path, "k1")
     principal = asyncio.run(
-        _authenticator(tmp_path).authenticate(f"Bearer {_token(keys['k1'], 'k1', roles=['extra'])}")
+        _authenticator(tmp_path).verify(f"Bearer {_token(keys['k1'], 'k1', roles=['extra'])}")
     )
 
     assert principal.sub == "alice"
@@ -88,7 +88,7 @@ def test_a_service_client_is_recognised_by_its_azp(tmp_path: Path) -> None:
     keys = _keys(tmp_path, "k1")
     token = _token(keys["k1"], "k1", azp="sovereign-memory")
 
-    assert asyncio.run(_authenticator(tmp_path).authenticate(f"Bearer {token}")).service is True
+    assert asyncio.run(_authenticator(tmp_path).verify(f"Bearer {token}")).service is True
 
 
 @pytest.mark.parametrize(
@@ -127,7 +127,7 @@ def test_bad_claims_are_refused(tmp_path: Path, overrides: dict[str, Any], messa
     token = _token(keys["k1"], "k1", **claims)
 
     with pytest.raises(AuthError, match=message) as refused:
-        asyncio.run(_authenticator(tmp_path).authenticate(f"Bearer {token}"))
+        asyncio.run(_authenticator(tmp_path).verify(f"Bearer {token}"))
     assert refused.value.error == "invalid_token"
 
 
@@ -135,7 +135,7 @@ def test_clock_skew_is_bounded_both_ways(tmp_path: Path) -> None:
     keys = _keys(tmp_path, "k1")
     just_expired = _token(keys["k1"], "k1", exp=int(time.time()) - 10)
 
-    principal = asyncio.run(_authenticator(tmp_path).authenticate(f"Bearer {just_expired}"))
+    principal = asyncio.run(_authenticator(tmp_path).verify(f"Bearer {just_expired}"))
 
     assert principal.sub == "alice"
 
@@ -146,10 +146,10 @@ def test_an_unknown_kid_refetches_at_most_once_per_interval(tmp_path: Path) -> N
     stranger = Ed25519PrivateKey.generate()
 
     async def flood() -> None:
-        await authenticator.authenticate(f"Bearer {_token(keys['k1'], 'k1')}")
+        await authenticator.verify(f"Bearer {_token(keys['k1'], 'k1')}")
         for index in range(50):
             with pytest.raises(AuthError, match="unknown key"):
-                await authenticator.authenticate(f"Bearer {_token(stranger, f'kid{index}')}")
+                await authenticator.verify(f"Bearer {_token(stranger, f'kid{index}')}")
 
     asyncio.run(flood())
 
@@ -161,11 +161,11 @@ def test_a_new_key_is_picked_up_and_a_removed_one_is_dropped(tmp_path: Path) -> 
     authenticator = _authenticator(tmp_path, refetch_interval=0)
 
     async def rotate() -> None:
-        await authenticator.authenticate(f"Bearer {_token(old['old'], 'old')}")
+        await authenticator.verify(f"Bearer {_token(old['old'], 'old')}")
         new = _keys(tmp_path, "new")
-        await authenticator.authenticate(f"Bearer {_token(new['new'], 'new')}")
+        await authenticator.verify(f"Bearer {_token(new['new'], 'new')}")
         with pytest.raises(AuthError, match="unknown key"):
-            await authenticator.authenticate(f"Bearer {_token(old['old'], 'old')}")
+            await authenticator.verify(f"Bearer {_token(old['old'], 'old')}")
 
     asyncio.run(rotate())
 
@@ -180,7 +180,7 @@ def test_an_es256_kid_cannot_verify_an_rs256_token(tmp_path: Path) -> None:
     )
 
     with pytest.raises(AuthError, match="algorithm 'HS256' is not accepted"):
-        asyncio.run(_authenticator(tmp_path).authenticate(f"Bearer {header_swapped}"))
+        asyncio.run(_authenticator(tmp_path).verify(f"Bearer {header_swapped}"))
     assert keys
 
 
@@ -190,13 +190,13 @@ def test_a_remembered_token_is_dropped_with_its_key(tmp_path: Path) -> None:
     token = f"Bearer {_token(old['old'], 'old')}"
 
     async def rotate() -> None:
-        await authenticator.authenticate(token)
-        await authenticator.authenticate(token)
+        await authenticator.verify(token)
+        await authenticator.verify(token)
         assert authenticator.keys.fetches == 1
         new = _keys(tmp_path, "new")
-        await authenticator.authenticate(f"Bearer {_token(new['new'], 'new')}")
+        await authenticator.verify(f"Bearer {_token(new['new'], 'new')}")
         with pytest.raises(AuthError, match="unknown key"):
-            await authenticator.authenticate(token)
+            await authenticator.verify(token)
 
     asyncio.run(rotate())
 
@@ -207,10 +207,10 @@ def test_a_remembered_token_still_expires(tmp_path: Path) -> None:
     token = f"Bearer {_token(keys['k1'], 'k1', exp=int(time.time()) - 29)}"
 
     async def twice() -> None:
-        await authenticator.authenticate(token)
+        await authenticator.verify(token)
         await asyncio.sleep(1.5)
         with pytest.raises(AuthError, match="expired"):
-            await authenticator.authenticate(token)
+            await authenticator.verify(token)
 
     asyncio.run(twice())
 

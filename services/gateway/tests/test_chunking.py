@@ -12,7 +12,7 @@ import pytest
 import tokenizers
 from sovereign_gateway.memory.chunking import Chunk, Chunker
 
-from sovereign import tools
+from services.gateway.tests import models
 
 PROSE = (
     "Sovereign nodes keep their data at home. Every document is parsed in memory, cut "
@@ -23,7 +23,7 @@ PROSE = (
 
 @pytest.fixture(scope="module")
 def tokenizer() -> tokenizers.Tokenizer:
-    return tokenizers.Tokenizer.from_file(str(tools.minilm_tokenizer()))
+    return tokenizers.Tokenizer.from_file(str(models.minilm_tokenizer()))
 
 
 def chunker(tokenizer: tokenizers.Tokenizer, size: int = 64, overlap: int = 8) -> Chunker:
@@ -187,7 +187,7 @@ def test_invalid_settings_are_refused(
 
 
 def test_from_file_reads_the_tokenizer() -> None:
-    splitter = Chunker.from_file(tools.minilm_tokenizer(), 256, 32)
+    splitter = Chunker.from_file(models.minilm_tokenizer(), 256, 32)
     assert splitter.count("hello world") == 2
 
 

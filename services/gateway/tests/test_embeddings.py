@@ -25,7 +25,7 @@ from aiohttp import web
 from sovereign_gateway.memory.embeddings import Embedder, MiniLMEmbedder, UpstreamEmbedder
 from sovereign_gateway.memory.errors import EmbeddingUnavailable
 
-from sovereign import tools
+from services.gateway.tests import models
 
 PARAPHRASES = [
     ("How do I reset my password?", "What are the steps to change my login password?"),
@@ -51,10 +51,10 @@ def anyio_backend() -> str:
 
 def minilm(**overrides: Any) -> MiniLMEmbedder:
     options: dict[str, Any] = {
-        "model_path": tools.minilm_onnx(),
-        "tokenizer_path": tools.minilm_tokenizer(),
-        "sha256": tools.MINILM_ONNX_SHA256,
-        "tokenizer_sha256": tools.MINILM_TOKENIZER_SHA256,
+        "model_path": models.minilm_onnx(),
+        "tokenizer_path": models.minilm_tokenizer(),
+        "sha256": models.MINILM_ONNX_SHA256,
+        "tokenizer_sha256": models.MINILM_TOKENIZER_SHA256,
         "threads": 2,
     }
     options.update(overrides)
@@ -175,7 +175,7 @@ async def test_closed_embedder_is_unavailable() -> None:
 def flipped_copy(tmp_path: Path) -> tuple[Path, str]:
     """The model with one byte of a weight changed, and the sha256 of that copy."""
     copy = tmp_path / "model.onnx"
-    shutil.copyfile(tools.minilm_onnx(), copy)
+    shutil.copyfile(models.minilm_onnx(), copy)
     data = bytearray(copy.read_bytes())
     data[len(data) // 2] ^= 0x01  # the middle of the file is inside a weight tensor
     copy.write_bytes(bytes(data))
@@ -188,7 +188,7 @@ def test_digest_mismatch_is_refused_before_loading(tmp_path: Path) -> None:
         minilm(model_path=copy)
     message = str(caught.value)
     assert str(copy) in message
-    assert tools.MINILM_ONNX_SHA256 in message
+    assert models.MINILM_ONNX_SHA256 in message
     assert actual in message
     assert caught.value.status == 503
     # The same bytes load when pinned: the digest, not a broken file, refused them.
@@ -197,7 +197,7 @@ def test_digest_mismatch_is_refused_before_loading(tmp_path: Path) -> None:
 
 def test_tokenizer_digest_mismatch_is_refused(tmp_path: Path) -> None:
     copy = tmp_path / "tokenizer.json"
-    copy.write_text(tools.minilm_tokenizer().read_text().replace('"[UNK]"', '"[UNKNOWN]"', 1))
+    copy.write_text(models.minilm_tokenizer().read_text().replace('"[UNK]"', '"[UNKNOWN]"', 1))
     with pytest.raises(EmbeddingUnavailable, match=r"embedding tokenizer .* has sha256"):
         minilm(tokenizer_path=copy)
 

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from sovereign_gateway.config import ComplianceLock, GatewayConfig, load_config
+from sovereign_gateway.contract import ComplianceLock, GatewayConfig, load_config
 from sovereign_gateway.lock import (
     LockError,
     LockFacts,
@@ -24,100 +24,10 @@ from sovereign_gateway.lock import (
     policy_bundle_digest,
 )
 
+from services.gateway.tests.configs import config_document
+
 SHA_A = "a" * 64
 SHA_B = "b" * 64
-
-
-def _config_document(tmp_path: Path) -> dict[str, Any]:
-    return {
-        "schema_version": 1,
-        "profile": "t",
-        "kind": "personal",
-        "listen": {"host": "127.0.0.1", "port": 8000},
-        "max_body_bytes": 1048576,
-        "egress_default": "deny",
-        "oidc": {
-            "provider": "local",
-            "issuer": "http://127.0.0.1:8000/local",
-            "audience": "sovereign-gateway",
-            "realm": "sovereign",
-            "algorithms": ["EdDSA"],
-            "clock_skew_seconds": 30,
-            "jwks_file": str(tmp_path / "issuer" / "jwks.json"),
-            "jwks_cache_seconds": 300,
-            "jwks_refetch_interval_seconds": 10.0,
-            "service_clients": [],
-        },
-        "roles": {"user": ["chat"]},
-        "policy": {
-            "engine": "embedded",
-            "opa_url": "http://127.0.0.1:8181",
-            "decision": "gateway/decision",
-            "bundle": "../policy",
-            "dlp": "redact",
-            "timeout_seconds": 2.0,
-        },
-        "models": [
-            {
-                "name": "m",
-                "aliases": [],
-                "engine": "llamacpp",
-                "source": "pkg:m/m.gguf",
-                "sha256": SHA_A,
-                "quantization": "int4",
-                "context_length": 2048,
-                "allowed_roles": ["user"],
-                "replicas": ["http://127.0.0.1:9/v1"],
-                "weights": None,
-                "concurrency": 16,
-                "queue": 32,
-                "queue_timeout_seconds": 30.0,
-                "timeout_seconds": 120.0,
-                "workers": 1,
-                "threads": None,
-            }
-        ],
-        "memory": {
-            "vector_store": "embedded",
-            "qdrant_url": None,
-            "key_source": "file",
-            "key_file": str(tmp_path / "memory.kek"),
-            "tpm_tcti": "device:/dev/tpmrm0",
-            "tpm_pcrs": [7],
-            "data_dir": str(tmp_path / "memory"),
-            "embeddings": {
-                "engine": "embedded",
-                "model": "all-minilm-l6-v2",
-                "weights": str(tmp_path / "model.onnx"),
-                "sha256": "c" * 64,
-                "tokenizer": str(tmp_path / "tokenizer.json"),
-                "url": None,
-                "dimensions": 384,
-            },
-            "chunk_tokens": 200,
-            "chunk_overlap": 32,
-            "rag_chat": False,
-            "rag_top_k": 4,
-            "rag_min_score": 0.25,
-            "max_document_bytes": 1 << 25,
-            "default_retention_seconds": None,
-            "retention_interval_seconds": 3600,
-        },
-        "audit": {
-            "path": str(tmp_path / "audit"),
-            "checkpoint_interval_seconds": 300,
-            "checkpoint_records": 1000,
-            "retention_seconds": 86400,
-            "signing_key": str(tmp_path / "audit.key"),
-            "capture_content": False,
-            "segment_max_bytes": 1048576,
-        },
-        "lock": {
-            "required": False,
-            "manifest": str(tmp_path / "lock.json"),
-            "public_key": str(tmp_path / "lock.pub"),
-        },
-    }
 
 
 class Node:
@@ -130,7 +40,7 @@ class Node:
         (self.bundle / "gateway").mkdir(parents=True)
         (self.bundle / "data.json").write_text('{"sovereign": {}}\n')
         (self.bundle / "gateway" / "authz.rego").write_text("package gateway\n")
-        self.write_config(_config_document(tmp_path))
+        self.write_config(config_document(tmp_path))
         self.key = Ed25519PrivateKey.generate()
         self.public_key_path = tmp_path / "lock.pub"
         self.public_key_path.write_bytes(_public_pem(self.key))
@@ -273,7 +183,7 @@ def test_manifest_refuses_to_pin_a_model_without_sha256(node: Node) -> None:
 
 def test_model_with_another_digest_is_not_pinned(node: Node) -> None:
     manifest = node.lock()
-    document = _config_document(node.root)
+    document = config_document(node.root)
     document["models"][0]["sha256"] = SHA_B
     node.write_config(document)
     reasons = drift(manifest, node.facts())
@@ -313,7 +223,7 @@ def test_policy_bundle_digest_is_stable_for_an_unchanged_bundle(node: Node) -> N
 
 def test_edited_gateway_config_is_drift(node: Node) -> None:
     manifest = node.lock()
-    document = _config_document(node.root)
+    document = config_document(node.root)
     document["max_body_bytes"] = 2048
     node.write_config(document)
     assert drift(manifest, node.facts()) == ["gateway config digest differs"]

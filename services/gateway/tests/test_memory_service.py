@@ -19,7 +19,7 @@ from sovereign_gateway.memory.errors import KeyUnavailable, Tampered
 from sovereign_gateway.memory.service import DocumentConflict, DocumentMeta, Memory
 from sovereign_gateway.memory.store import Access, open_store
 
-from sovereign import tools
+from services.gateway.tests import models
 
 EVERYTHING = Access(classifications=("public", "internal", "confidential", "secret"), subject="t")
 
@@ -42,11 +42,11 @@ async def open_memory(home: Path, key_file: str = "memory.kek") -> Memory:
         keyring=keyring,
         store=await open_store("embedded", path=home / "vectors", dimensions=384),
         embedder=MiniLMEmbedder(
-            model_path=tools.minilm_onnx(),
-            tokenizer_path=tools.minilm_tokenizer(),
-            sha256=tools.MINILM_ONNX_SHA256,
+            model_path=models.minilm_onnx(),
+            tokenizer_path=models.minilm_tokenizer(),
+            sha256=models.MINILM_ONNX_SHA256,
         ),
-        chunker=Chunker.from_file(tools.minilm_tokenizer(), 64, 8),
+        chunker=Chunker.from_file(models.minilm_tokenizer(), 64, 8),
     )
 
 

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
-from sovereign_gateway.config import ModelRoute
+from sovereign_gateway.contract import ModelRoute
 from sovereign_gateway.errors import ApiError
 from sovereign_gateway.metrics import Metrics
 from sovereign_gateway.runtime import sse

@@ -25,6 +25,7 @@ from sovereign.cli import (  # noqa: E402, F401
     audit,
     bundle,
     bundle_volumes,
+    gateway,
     image,
     lock,
     media,

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from sovereign_gateway.keyfiles import KeyFileError, load_public_key
+from sovereign_gateway.contract import KeyFileError, load_public_key
 
 from sovereign.bundle.layout import BundleError
 from sovereign.bundle.manifest import verify

@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 from rich.progress import Progress as Bar
-from sovereign_gateway.keyfiles import KeyFileError, load_public_key
+from sovereign_gateway.contract import KeyFileError, load_public_key
 
 from sovereign.bundle.manifest import verify
 from sovereign.cli import app

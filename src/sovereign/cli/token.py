@@ -1,25 +1,24 @@
 """`sovereign token`: mint an access token from the personal node's local issuer.
 
-Takes a profile (identity.provider local), a user and roles; prints only the token on
-stdout, so `TOKEN=$(sovereign token --user ada --role user)` works.
+Takes a profile (identity.provider local), a user and roles; delegates to the gateway's
+`admin token` with the profile's gateway config, so it prints only the token on stdout and
+`TOKEN=$(sovereign token --user ada --role user)` works.
 """
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from sovereign.cli import app
+from sovereign.cli.delegate import admin
 from sovereign.cli.output import fail
 from sovereign.cli.profile import load_or_exit
-from sovereign.issuer import IssuerError, ensure_keys, mint
 from sovereign.profile.defaults import EMBEDDED_DEFAULT_NAME
-from sovereign.profile.types import duration_seconds
-
-# A local token cannot be revoked before it expires, so its lifetime is bounded.
-MAX_TTL_SECONDS = 30 * 86400
+from sovereign.render.gateway import gateway_config
 
 
 @app.command()
@@ -27,7 +26,7 @@ def token(
     file: Annotated[
         Path | None, typer.Argument(help="profile file; the embedded personal default if left out")
     ] = None,
-    user: Annotated[str | None, typer.Option("--user", help="the token's subject")] = None,
+    user: Annotated[str, typer.Option("--user", help="the token's subject")] = "",
     role: Annotated[
         list[str] | None, typer.Option("--role", help="a role from identity.roles (repeatable)")
     ] = None,
@@ -38,41 +37,13 @@ def token(
     profile = load_or_exit(file)
     source = EMBEDDED_DEFAULT_NAME if file is None else str(file)
     identity = profile.identity
-    issuer_url = str(identity.issuer).rstrip("/")
     if identity.provider != "local":
+        issuer_url = str(identity.issuer).rstrip("/")
         raise fail(
             f"identity.provider is {identity.provider} in {source}; get tokens from {issuer_url}"
         )
-    if not user:
-        raise fail("--user is required")
-    if not role:
-        raise fail(f"at least one --role is required; known roles: {', '.join(identity.roles)}")
-    unknown = [name for name in role if name not in identity.roles]
-    if unknown:
-        raise fail(
-            f"role {', '.join(unknown)} is not in identity.roles of {source}; "
-            f"known roles: {', '.join(identity.roles)}"
-        )
-    try:
-        ttl_seconds = duration_seconds(ttl)
-    except ValueError as exc:
-        raise fail(f"--ttl: {exc}") from None
-    if ttl_seconds > MAX_TTL_SECONDS:
-        raise fail(f"--ttl {ttl} is longer than the 30d a local token may live")
-    if not client:
-        raise fail("--client must not be empty")
-    try:
-        issuer = ensure_keys(Path(identity.local_key_dir))
-    except IssuerError as exc:
-        raise fail(f"{exc} (identity.local_key_dir in {source})") from None
-    print(
-        mint(
-            issuer,
-            issuer_url=issuer_url,
-            audience=identity.audience,
-            subject=user,
-            roles=list(dict.fromkeys(role)),
-            client_id=client,
-            ttl_seconds=ttl_seconds,
-        )
-    )
+    roles = [argument for name in role or [] for argument in ("--role", name)]
+    with tempfile.TemporaryDirectory(prefix="sovereign-token-") as directory:
+        config = Path(directory) / "config.json"
+        config.write_text(gateway_config(profile).model_dump_json())
+        admin("token", "--config", config, "--user", user, *roles, "--ttl", ttl, "--client", client)

@@ -23,8 +23,9 @@ from urllib.parse import urlsplit
 import typer
 from rich.table import Table
 
-from sovereign import issuer, tools
+from sovereign import tools
 from sovereign.cli import app
+from sovereign.cli.delegate import AdminFailed, admin_output, render_config
 from sovereign.cli.output import EXIT_BAD_INPUT, EXIT_FAILED, console, errors
 from sovereign.cli.profile import load_or_exit
 from sovereign.cli.tools import install_components
@@ -99,19 +100,21 @@ def _wait_for_health(
     return answer
 
 
-def _local_token(profile: Profile) -> str | None:
+def _local_token(profile: Profile, render_dir: Path) -> str | None:
     """A token for the examples, from the personal node's own issuer; None for Keycloak."""
     if profile.identity.provider != "local":
         return None
-    keys = issuer.ensure_keys(Path(profile.identity.local_key_dir))
-    return issuer.mint(
-        keys,
-        issuer_url=str(profile.identity.issuer).rstrip("/"),
-        audience=profile.identity.audience,
-        subject=EXAMPLE_USER,
-        roles=[EXAMPLE_ROLE],
-        ttl_seconds=EXAMPLE_TOKEN_TTL_S,
-    )
+    return admin_output(
+        "token",
+        "--config",
+        render_config(render_dir),
+        "--user",
+        EXAMPLE_USER,
+        "--role",
+        EXAMPLE_ROLE,
+        "--ttl",
+        f"{EXAMPLE_TOKEN_TTL_S}s",
+    ).strip()
 
 
 def _post(base: str, path: str, token: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -165,12 +168,6 @@ def _prepare_local_dirs(profile: Profile) -> None:
                 f"warning: cannot create {directory}; the gateway will report it not ready",
                 markup=False,
             )
-    if profile.identity.provider == "local":
-        try:
-            issuer.ensure_keys(Path(profile.identity.local_key_dir))
-        except (OSError, issuer.IssuerError) as error:
-            errors.print(f"error: local issuer: {error}", markup=False)
-            raise typer.Exit(EXIT_FAILED) from None
 
 
 def _runs_opa(profile: Profile) -> bool:
@@ -258,7 +255,7 @@ def up(
         "-m",
         "sovereign_gateway",
         "--config",
-        str(render_dir / "gateway" / "config.json"),
+        str(render_config(render_dir)),
     ]
     host, port = split_host_port(profile.gateway.listen)
     health_url = f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}/health"  # noqa: S104
@@ -275,7 +272,11 @@ def up(
         _print_health(health_url, answer, log_dir)
         ready = answer is not None and answer[0] == 200
         base = f"http://{health_url.split('/')[2]}"
-        token = _local_token(profile) if ready else None
+        try:
+            token = _local_token(profile, render_dir) if ready else None
+        except AdminFailed as failure:
+            errors.print(f"error: the local issuer: {failure}", markup=False)
+            raise typer.Exit(EXIT_FAILED) from None
         if ready:
             _print_examples(profile, file, base, token)
         if ready and check and token is not None:
@@ -304,10 +305,11 @@ def up(
             )
         if check or not ready:
             raise typer.Exit(0 if ready else EXIT_FAILED)
-        console.print("node is up; press Ctrl-C to stop it")
         stop = threading.Event()
+        # Before the line that says so: a signal sent on reading it must stop the node.
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, lambda *_: stop.set())
+        console.print("node is up; press Ctrl-C to stop it")
         while not stop.wait(1):
             exited = [name for name, p in processes.items() if p.poll() is not None]
             if exited:

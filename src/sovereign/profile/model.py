@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, model_validator
 from pydantic_core import PydanticCustomError
+from sovereign_gateway.contract import EmbeddingEngine, IdentityProvider, PolicyEngineKind
 
 from sovereign.profile import defaults
 from sovereign.profile.rules import violations
@@ -174,7 +175,7 @@ class ServiceClient(StrictModel):
 class Identity(StrictModel):
     """Who issues the tokens the gateway accepts: Keycloak, or on a personal node a local key."""
 
-    provider: Literal["keycloak", "local"] = Field(
+    provider: IdentityProvider = Field(
         default="keycloak",
         description=(
             "keycloak: tokens from a Keycloak realm rendered from this section; local (personal "
@@ -289,7 +290,7 @@ class ModelSpec(StrictModel):
 class Embeddings(StrictModel):
     """The model that turns chunks and queries into vectors."""
 
-    engine: Literal["embedded", "upstream"] = Field(
+    engine: EmbeddingEngine = Field(
         default="embedded",
         description="embedded: all-MiniLM-L6-v2 on onnxruntime in the gateway; upstream: an "
         "OpenAI-compatible /v1/embeddings (vLLM or llama.cpp) at url",
@@ -386,7 +387,7 @@ class ComplianceLock(StrictModel):
 
 class Policy(StrictModel):
     bundle: str = Field(min_length=1, description="the Rego bundle directory or archive")
-    engine: Literal["embedded", "remote"] = Field(
+    engine: PolicyEngineKind = Field(
         description="embedded: regorus in the gateway process; remote: the OPA server at opa_url"
     )
     opa_url: HttpUrl = Field(description="where the gateway asks OPA for decisions")
@@ -414,8 +415,33 @@ class Sandbox(StrictModel):
     runtime: SandboxRuntime
 
 
+class GatewayTls(StrictModel):
+    """TLS 1.3 on the client boundary: the operator's certificate, or a node-local CA."""
+
+    certificate: AbsolutePath | None = Field(
+        default=None, description="PEM certificate chain the gateway serves; with key"
+    )
+    key: AbsolutePath | None = Field(default=None, description="its private key (PEM)")
+    local_ca: bool = Field(
+        default=False,
+        description="the gateway keeps a CA on the node and issues its own server certificate; "
+        "clients trust ca_dir/ca.pem",
+    )
+    ca_dir: AbsolutePath = Field(
+        default="/var/lib/sovereign/tls", description="local_ca: the CA and the server's keys"
+    )
+    names: list[HostName] = Field(
+        default_factory=list,
+        description="local_ca: DNS names and IP addresses the server certificate covers, besides "
+        "the node's names, the listen address and localhost",
+    )
+
+
 class Gateway(StrictModel):
     listen: HostPort
+    tls: GatewayTls | None = Field(
+        default=None, description="TLS for clients; plain HTTP only on a loopback listen address"
+    )
     max_body_bytes: int = Field(default=1_048_576, ge=1024, le=104_857_600)
     upstream: HttpUrl | None = Field(
         default=None,

@@ -48,6 +48,7 @@ def violations(profile: Profile) -> list[Violation]:
         _keys,
         _memory_backends,
         _identity,
+        _tls,
         _mesh,
         _egress_names,
         _air_gapped_egress,
@@ -363,6 +364,59 @@ def _identity(profile: Profile) -> Iterator[Violation]:
         yield Violation(
             ("identity", "issuer"), "the issuer must use https unless it is on loopback"
         )
+
+
+def _tls(profile: Profile) -> Iterator[Violation]:
+    """TLS 1.3 on the client boundary: plain HTTP only on loopback, and never on the kinds
+    whose clients come over a network (air-gapped), or behind the Ingress (datacenter)."""
+    tls = profile.gateway.tls
+    if profile.kind == "datacenter":
+        if tls is not None:
+            yield Violation(
+                ("gateway", "tls"),
+                "on a cluster the Ingress terminates TLS with cluster.ingress.tls_secret; "
+                "leave gateway.tls out",
+            )
+        return
+    if tls is None:
+        host = split_host_port(profile.gateway.listen)[0]
+        if profile.kind == "air-gapped":
+            yield Violation(
+                ("gateway", "tls"),
+                "kind air-gapped serves clients over TLS only: set certificate and key, or "
+                "local_ca: true",
+            )
+        elif not _is_loopback_host(host):
+            yield Violation(
+                ("gateway", "listen"),
+                f"{profile.gateway.listen} is not a loopback address: plain HTTP is allowed only "
+                "on loopback; set gateway.tls (certificate and key, or local_ca: true)",
+            )
+        return
+    given = (tls.certificate is not None, tls.key is not None)
+    if given[0] != given[1]:
+        missing = "key" if given[0] else "certificate"
+        yield Violation(("gateway", "tls", missing), f"{missing} is required with the other")
+    elif tls.local_ca and given[0]:
+        yield Violation(
+            ("gateway", "tls", "local_ca"),
+            "local_ca makes its own certificate: give certificate and key, or local_ca, not both",
+        )
+    elif not tls.local_ca and not given[0]:
+        yield Violation(
+            ("gateway", "tls"), "set certificate and key (PEM files), or local_ca: true"
+        )
+    if tls.names and not tls.local_ca:
+        yield Violation(
+            ("gateway", "tls", "names"), "names are for local_ca; your certificate names itself"
+        )
+
+
+def _is_loopback_host(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def _mesh(profile: Profile) -> Iterator[Violation]:

@@ -12,22 +12,23 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, Field
 
-Kind = Literal["personal", "edge", "air-gapped", "datacenter"]
+# The gateway's contract defines these once; the profile re-exports them as they are.
+from sovereign_gateway.contract import DURATION_PATTERN
+from sovereign_gateway.contract import Classification as Classification
+from sovereign_gateway.contract import DlpMode as DlpMode
+from sovereign_gateway.contract import Engine as Engine
+from sovereign_gateway.contract import KeySource as KeySource
+from sovereign_gateway.contract import Kind as Kind
+from sovereign_gateway.contract import Quantization as Quantization
+from sovereign_gateway.contract import VectorStore as VectorStore
+from sovereign_gateway.contract import duration_seconds as duration_seconds
+
 NodeRole = Literal["standalone", "controlplane", "worker"]
 Arch = Literal["amd64", "arm64"]
 Gpu = Literal["nvidia", "apple", "none"]
 TpmPolicy = Literal["required", "optional", "none"]
 HostOS = Literal["debian", "talos", "nixos"]
-Engine = Literal["vllm", "llamacpp", "upstream"]
-# int4 is a 4-bit GGUF for llama.cpp; vLLM names its 4-bit formats (awq, gptq,
-# compressed-tensors, bitsandbytes) since each loads a different checkpoint layout.
-Quantization = Literal["int4", "awq", "gptq", "compressed-tensors", "bitsandbytes", "fp8", "none"]
 KvCacheDtype = Literal["auto", "fp8"]
-VectorStore = Literal["embedded", "qdrant"]
-# Lowest first: a caller cleared for a level sees it and every level below.
-Classification = Literal["public", "internal", "confidential", "secret"]
-KeySource = Literal["tpm", "passphrase", "file"]
-DlpMode = Literal["block", "redact", "log"]
 SandboxRuntime = Literal["gvisor", "kata", "runc"]
 Protocol = Literal["tcp", "udp"]
 MirrorKind = Literal["pypi", "oci", "debian", "models"]
@@ -42,18 +43,8 @@ Permission = Literal[
     "admin",
 ]
 
-_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "y": 365 * 86400}
-_DURATION = re.compile(r"^([1-9][0-9]*)([smhdwy])$")
 _HOSTNAME_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 _DNS_LABEL = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
-
-
-def duration_seconds(value: str) -> int:
-    """Seconds in a duration such as `90s`, `15m`, `24h`, `30d`, `2w` or `7y` (365-day years)."""
-    match = _DURATION.match(value)
-    if match is None:
-        raise ValueError(f"expected a duration like 30s, 15m, 24h, 90d, 2w or 7y, got {value!r}")
-    return int(match.group(1)) * _DURATION_UNITS[match.group(2)]
 
 
 def _check_duration(value: str) -> str:
@@ -122,7 +113,7 @@ def is_cidr(destination: str) -> bool:
 Duration = Annotated[
     str,
     AfterValidator(_check_duration),
-    Field(pattern=_DURATION.pattern, examples=["30s", "15m", "24h", "90d", "7y"]),
+    Field(pattern=DURATION_PATTERN, examples=["30s", "15m", "24h", "90d", "7y"]),
 ]
 HostPort = Annotated[str, AfterValidator(_check_host_port), Field(examples=["127.0.0.1:8000"])]
 Cidr = Annotated[str, AfterValidator(_check_cidr), Field(examples=["10.88.0.0/24"])]

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from sovereign_gateway.config import (
+from sovereign_gateway.contract import (
     OIDC,
     SCHEMA_VERSION,
+    TLS,
     AuditLog,
     ComplianceLock,
     EmbeddingModel,
@@ -35,6 +36,8 @@ JWKS_REFETCH_INTERVAL_SECONDS = 10.0
 # time unless started with parallel slots (then raise serving.concurrency to match).
 DEFAULT_CONCURRENCY = {"vllm": 64, "upstream": 16, "llamacpp": 1}
 AUDIT_SEGMENT_MAX_BYTES = 64 * 1024 * 1024
+WILDCARD_ADDRESSES = ("0.0.0.0", "::")  # noqa: S104 (names to leave out, not to bind)
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 # all-MiniLM-L6-v2's sentence embedding size.
 MINILM_DIMENSIONS = 384
 
@@ -46,7 +49,7 @@ def gateway_config(profile: Profile) -> GatewayConfig:
         schema_version=SCHEMA_VERSION,
         profile=profile.name,
         kind=profile.kind,
-        listen=Listen(host=host, port=port),
+        listen=Listen(host=host, port=port, tls=tls_settings(profile)),
         max_body_bytes=profile.gateway.max_body_bytes,
         egress_default=profile.network.egress.default,
         oidc=OIDC(
@@ -56,9 +59,7 @@ def gateway_config(profile: Profile) -> GatewayConfig:
             realm=identity.realm,
             algorithms=list(ALGORITHMS),  # type: ignore[arg-type]
             clock_skew_seconds=CLOCK_SKEW_SECONDS,
-            jwks_file=f"{identity.local_key_dir}/jwks.json"
-            if identity.provider == "local"
-            else None,
+            local_issuer_dir=identity.local_key_dir if identity.provider == "local" else None,
             jwks_cache_seconds=JWKS_CACHE_SECONDS,
             jwks_refetch_interval_seconds=JWKS_REFETCH_INTERVAL_SECONDS,
             service_clients=[client.name for client in identity.service_clients],
@@ -69,7 +70,6 @@ def gateway_config(profile: Profile) -> GatewayConfig:
             opa_url=str(profile.policy.opa_url).rstrip("/"),
             decision=POLICY_DECISION,
             bundle="../policy",
-            dlp=profile.policy.dlp,
             timeout_seconds=POLICY_TIMEOUT_SECONDS,
         ),
         models=[model_route(profile, model) for model in profile.models],
@@ -89,6 +89,33 @@ def gateway_config(profile: Profile) -> GatewayConfig:
             public_key=profile.policy.lock.public_key,
         ),
     )
+
+
+def tls_settings(profile: Profile) -> TLS | None:
+    settings = profile.gateway.tls
+    if settings is None:
+        return None
+    if not settings.local_ca:
+        return TLS(
+            mode="files", certificate=settings.certificate, key=settings.key, ca_dir=None, names=[]
+        )
+    return TLS(
+        mode="local_ca",
+        certificate=None,
+        key=None,
+        ca_dir=settings.ca_dir,
+        names=server_names(profile),
+    )
+
+
+def server_names(profile: Profile) -> list[str]:
+    """What a local CA's server certificate covers: the profile's names, each node's name,
+    the listen address, and loopback, from where the node checks itself."""
+    settings = profile.gateway.tls
+    host = split_host_port(profile.gateway.listen)[0]
+    listen = [] if host in WILDCARD_ADDRESSES else [host]
+    names = [*(settings.names if settings else []), *(node.name for node in profile.nodes)]
+    return list(dict.fromkeys([*names, *listen, *LOOPBACK_NAMES]))
 
 
 def memory_store(profile: Profile) -> MemoryStore:

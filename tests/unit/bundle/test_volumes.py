@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from sovereign_gateway.keyfiles import load_private_key
+from sovereign_gateway.contract import load_private_key
 from typer.testing import CliRunner
 
 from sovereign.bundle.layout import BLOBS, BundleError

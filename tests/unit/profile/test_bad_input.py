@@ -710,7 +710,75 @@ CLUSTER = [
     ),
 ]
 
-ALL = SYNTAX_AND_SHAPE + FIELDS + RULES + NODE_IMAGE + CLUSTER
+TLS = [
+    Case(
+        "plain-http-on-a-network-address",
+        personal("gateway:\n  listen: 0.0.0.0:8000\n"),
+        4,
+        "gateway.listen",
+        "0.0.0.0:8000 is not a loopback address: plain HTTP is allowed only on loopback",
+    ),
+    Case(
+        "air-gapped-without-tls",
+        air_gapped("gateway:\n  listen: 127.0.0.1:8000\n  tls: null\n"),
+        5,
+        "gateway.tls",
+        "kind air-gapped serves clients over TLS only",
+    ),
+    Case(
+        "a-certificate-without-its-key",
+        personal("gateway:\n  listen: 10.0.0.5:443\n  tls:\n    certificate: /etc/gw.pem\n"),
+        5,
+        "gateway.tls.key",
+        "key is required with the other",
+    ),
+    Case(
+        "a-certificate-and-a-local-ca",
+        personal(
+            "gateway:\n  listen: 127.0.0.1:8443\n  tls:\n    certificate: /etc/gw.pem\n"
+            "    key: /etc/gw.key\n    local_ca: true\n"
+        ),
+        8,
+        "gateway.tls.local_ca",
+        "give certificate and key, or local_ca, not both",
+    ),
+    Case(
+        "tls-with-neither",
+        personal("gateway:\n  listen: 127.0.0.1:8443\n  tls:\n    names: [gw.local]\n"),
+        6,
+        "gateway.tls",
+        "set certificate and key (PEM files), or local_ca: true",
+    ),
+    Case(
+        "a-relative-certificate-path",
+        personal(
+            "gateway:\n  listen: 127.0.0.1:8443\n  tls:\n    certificate: gw.pem\n"
+            "    key: /etc/gw.key\n"
+        ),
+        6,
+        "gateway.tls.certificate",
+        "should match pattern '^/'",
+    ),
+    Case(
+        "a-server-name-that-is-no-name",
+        personal(
+            "gateway:\n  listen: 127.0.0.1:8443\n  tls:\n    local_ca: true\n"
+            "    names: [Gateway_1]\n"
+        ),
+        7,
+        "gateway.tls.names[0]",
+        "is not a valid IP address or lower-case DNS name",
+    ),
+    Case(
+        "tls-on-a-cluster-pod",
+        "kind: datacenter\nname: t\ngateway:\n  listen: 0.0.0.0:8000\n  tls:\n    local_ca: true\n",
+        6,
+        "gateway.tls",
+        "the Ingress terminates TLS with cluster.ingress.tls_secret",
+    ),
+]
+
+ALL = SYNTAX_AND_SHAPE + FIELDS + RULES + NODE_IMAGE + CLUSTER + TLS
 
 
 @pytest.mark.parametrize("case", ALL, ids=lambda case: case.id)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sovereign_gateway.config import GatewayConfig
+from sovereign_gateway.contract import GatewayConfig
 from typer.testing import CliRunner
 
 from sovereign.cli import app
@@ -41,7 +41,9 @@ def test_gateway_config_is_valid_for_the_gateway(path: Path) -> None:
     assert config.oidc.issuer == str(profile.identity.issuer).rstrip("/")
     assert set(config.oidc.algorithms) == {"RS256", "ES256", "EdDSA"}
     assert [route.name for route in config.models] == [model.name for model in profile.models]
-    assert config.policy.dlp == profile.policy.dlp
+    # The DLP mode is the policy's to apply: it reaches OPA's data, not the gateway.
+    data = json.loads(render_files(profile, ["policy"])["policy/data.json"])
+    assert data["sovereign"]["config"]["dlp"]["mode"] == profile.policy.dlp
 
 
 def test_gateway_config_converts_durations_to_seconds() -> None:

@@ -24,8 +24,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from sovereign_gateway import keyfiles
-from sovereign_gateway.keyfiles import fsync_dir, write_atomic, write_new
+from sovereign_gateway import contract
+from sovereign_gateway.contract import fsync_dir, write_atomic, write_new
 
 ZERO_HASH = "0" * 64
 HEAD_FILE = "HEAD.json"
@@ -222,8 +222,8 @@ def _public_pem(public_key: Ed25519PublicKey) -> bytes:
 def load_public_key(path: Path) -> Ed25519PublicKey:
     """The Ed25519 public key in PEM file `path`; AuditInputError when it is not one."""
     try:
-        return keyfiles.load_public_key(path)
-    except keyfiles.KeyFileError as exc:
+        return contract.load_public_key(path)
+    except contract.KeyFileError as exc:
         raise AuditInputError(str(exc)) from None
 
 

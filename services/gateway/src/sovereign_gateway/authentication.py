@@ -1,7 +1,7 @@
-"""OIDC bearer-token authentication for the gateway (RFC 6750, with RFC 8725's rules).
+"""OIDC bearer-token authentication, as a Starlette `AuthenticationBackend` (RFC 6750, 8725).
 
-Takes the `Authorization` header; gives a `Principal` (subject, client, roles) or raises
-`AuthError`, which the app turns into 401 with `WWW-Authenticate: Bearer error=...`.
+Takes a request's `Authorization` header; gives `AuthCredentials` (the roles) and a
+`Principal`, or raises `AuthError`, which the guard turns into 401 with a challenge.
 """
 
 from __future__ import annotations
@@ -18,8 +18,15 @@ from typing import Any
 import httpx
 import jwt
 from jwt import PyJWK
+from starlette.authentication import (
+    AuthCredentials,
+    AuthenticationBackend,
+    AuthenticationError,
+    BaseUser,
+)
+from starlette.requests import HTTPConnection
 
-from sovereign_gateway.config import OIDC
+from sovereign_gateway.contract import OIDC
 
 # A kid is an opaque name, never a path or URL: anything else is refused before lookup.
 _KID = re.compile(r"^[A-Za-z0-9._~-]{1,128}$")
@@ -35,14 +42,26 @@ VERIFIED_CACHE_SIZE = 4096
 
 
 @dataclass(frozen=True)
-class Principal:
+class Principal(BaseUser):
     sub: str
     client: str | None
     roles: tuple[str, ...]
     service: bool
 
+    @property
+    def is_authenticated(self) -> bool:
+        return True
 
-class AuthError(Exception):
+    @property
+    def display_name(self) -> str:
+        return self.sub
+
+    @property
+    def identity(self) -> str:
+        return self.sub
+
+
+class AuthError(AuthenticationError):
     """A request that is not authenticated; `error` is the RFC 6750 error code."""
 
     def __init__(self, error: str, description: str) -> None:
@@ -154,7 +173,9 @@ def _as_object(value: object, where: str) -> dict[str, Any]:
     return value
 
 
-class OIDCAuthenticator:
+class OIDCBackend(AuthenticationBackend):
+    """Every request must carry a valid access token: none at all is refused, not anonymous."""
+
     def __init__(self, oidc: OIDC, client: httpx.AsyncClient, jwks_file: Path | None) -> None:
         self._oidc = oidc
         self.keys = JWKSCache(oidc, client, jwks_file)
@@ -172,7 +193,11 @@ class OIDCAuthenticator:
                 return False, str(exc)
         return True, f"issuer {self._oidc.issuer} ({self._oidc.provider})"
 
-    async def authenticate(self, authorization: str | None) -> Principal:
+    async def authenticate(self, conn: HTTPConnection) -> tuple[AuthCredentials, Principal]:
+        principal = await self.verify(conn.headers.get("authorization"))
+        return AuthCredentials(list(principal.roles)), principal
+
+    async def verify(self, authorization: str | None) -> Principal:
         token = _bearer_token(authorization)
         remembered = self._verified.get(token)
         if remembered is not None:

@@ -25,8 +25,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
-from sovereign_gateway import keyfiles
-from sovereign_gateway.config import ComplianceLock, GatewayConfig, resolve
+from sovereign_gateway import contract
+from sovereign_gateway.contract import ComplianceLock, GatewayConfig, resolve
 
 SCHEMA_VERSION = 1
 _HEX_SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -132,8 +132,8 @@ def create_manifest(
 
 def load_public_key(path: Path) -> Ed25519PublicKey:
     try:
-        return keyfiles.load_public_key(path)
-    except keyfiles.KeyFileError as exc:
+        return contract.load_public_key(path)
+    except contract.KeyFileError as exc:
         raise LockError("key_unreadable", str(exc)) from None
 
 

@@ -13,10 +13,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import aiohttp
 import regorus  # type: ignore[import-untyped]  # the binding ships no type information
+
+from sovereign_gateway.contract import PolicyEngineKind
 
 # What regorus (program and interpreter alike) answers for a rule with no value.
 _UNDEFINED = "<undefined>"
@@ -42,6 +44,14 @@ class Decision:
     reasons: tuple[str, ...]
     redactions: tuple[Redaction, ...]
     obligations: Mapping[str, Any]
+
+    def mask(self, text: str) -> str:
+        """`text` with every redaction the policy asked for replaced by its type."""
+        # Longest first, so a match inside a longer one cannot leave part of the longer exposed.
+        for redaction in sorted(self.redactions, key=lambda r: len(r.text), reverse=True):
+            if redaction.text:
+                text = text.replace(redaction.text, f"[REDACTED:{redaction.type}]")
+        return text
 
 
 class PolicyEngine(Protocol):
@@ -328,7 +338,7 @@ class RemoteEngine:
 
 
 def create_engine(
-    engine: Literal["embedded", "remote"],
+    engine: PolicyEngineKind,
     *,
     bundle_dir: Path,
     opa_url: str,

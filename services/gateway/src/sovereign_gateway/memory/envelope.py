@@ -34,7 +34,7 @@ from argon2.low_level import Type, hash_secret_raw
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from sovereign_gateway.keyfiles import fsync_dir, temp_beside, write_atomic, write_new
+from sovereign_gateway.contract import fsync_dir, temp_beside, write_atomic, write_new
 from sovereign_gateway.memory import tpm
 from sovereign_gateway.memory.errors import KeyUnavailable, Tampered
 

@@ -30,7 +30,7 @@ import aiohttp
 import anyio
 import numpy as np
 
-from sovereign_gateway.config import MemoryStore
+from sovereign_gateway.contract import MemoryStore
 from sovereign_gateway.memory import envelope
 from sovereign_gateway.memory.catalog import Catalog, DocumentRecord, Vault
 from sovereign_gateway.memory.chunking import Chunker

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from sovereign_gateway.config import ModelRoute
+from sovereign_gateway.contract import ModelRoute
 
 ReplicaState = Literal["ready", "starting", "down", "refused"]
 

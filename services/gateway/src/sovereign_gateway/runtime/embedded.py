@@ -20,7 +20,7 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
-from sovereign_gateway.config import ModelRoute
+from sovereign_gateway.contract import ModelRoute
 from sovereign_gateway.errors import ApiError
 from sovereign_gateway.runtime import sse
 from sovereign_gateway.runtime.base import (

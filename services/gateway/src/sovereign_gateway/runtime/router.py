@@ -20,7 +20,7 @@ from typing import Any
 
 import aiohttp
 
-from sovereign_gateway.config import ModelRoute
+from sovereign_gateway.contract import ModelRoute
 from sovereign_gateway.errors import ApiError
 from sovereign_gateway.metrics import Metrics
 from sovereign_gateway.runtime.base import (

@@ -1,4 +1,5 @@
-"""`sovereign audit verify`: exit 0 intact, 1 tampered (first bad seq named), 2 bad input."""
+"""`sovereign-gateway admin audit verify`: exit 0 intact, 1 tampered (first bad seq named), 2 bad
+input."""
 
 from __future__ import annotations
 
@@ -10,9 +11,8 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sovereign_gateway.audit import AuditLog
-from typer.testing import CliRunner
 
-from sovereign.cli import app
+from services.gateway.tests.commands import run_admin
 
 
 def _build_log(directory: Path, key: Ed25519PrivateKey, count: int = 30) -> None:
@@ -58,7 +58,7 @@ def _pem(key: Ed25519PrivateKey) -> bytes:
 
 def test_an_intact_log_exits_0_and_says_so(tmp_path: Path) -> None:
     _build_log(tmp_path, Ed25519PrivateKey.generate())
-    result = CliRunner().invoke(app, ["audit", "verify", str(tmp_path)])
+    result = run_admin("audit", "verify", str(tmp_path))
     assert result.exit_code == 0, result.output
     assert "intact: 33 record(s), seq 1..33, 3 checkpoint(s)" in result.stdout
 
@@ -68,7 +68,7 @@ def test_a_tampered_log_exits_1_naming_the_first_bad_seq_and_counting_the_rest(
 ) -> None:
     _build_log(tmp_path, Ed25519PrivateKey.generate())
     _delete_seqs(tmp_path, 5, 20)
-    result = CliRunner().invoke(app, ["audit", "verify", str(tmp_path)])
+    result = run_admin("audit", "verify", str(tmp_path))
     assert result.exit_code == 1
     lines = result.stdout.splitlines()
     assert lines[1].startswith("seq 5: deleted: ")
@@ -78,7 +78,7 @@ def test_a_tampered_log_exits_1_naming_the_first_bad_seq_and_counting_the_rest(
 def test_json_output_lists_every_problem(tmp_path: Path) -> None:
     _build_log(tmp_path, Ed25519PrivateKey.generate())
     _delete_seqs(tmp_path, 5, 20)
-    result = CliRunner().invoke(app, ["audit", "verify", str(tmp_path), "--json"])
+    result = run_admin("audit", "verify", str(tmp_path), "--json")
     assert result.exit_code == 1
     report = json.loads(result.stdout)
     assert report["ok"] is False
@@ -89,9 +89,7 @@ def test_a_trusted_key_that_did_not_sign_exits_1_with_wrong_key(tmp_path: Path) 
     _build_log(tmp_path / "log", Ed25519PrivateKey.generate())
     other = tmp_path / "other.pub"
     other.write_bytes(_pem(Ed25519PrivateKey.generate()))
-    result = CliRunner().invoke(
-        app, ["audit", "verify", str(tmp_path / "log"), "--public-key", str(other)]
-    )
+    result = run_admin("audit", "verify", str(tmp_path / "log"), "--public-key", str(other))
     assert result.exit_code == 1
     assert "seq 11: wrong-key: " in result.stdout
 
@@ -101,14 +99,12 @@ def test_the_signers_public_key_verifies(tmp_path: Path) -> None:
     _build_log(tmp_path / "log", key)
     trusted = tmp_path / "trusted.pub"
     trusted.write_bytes(_pem(key))
-    result = CliRunner().invoke(
-        app, ["audit", "verify", str(tmp_path / "log"), "--public-key", str(trusted)]
-    )
+    result = run_admin("audit", "verify", str(tmp_path / "log"), "--public-key", str(trusted))
     assert result.exit_code == 0, result.output
 
 
 def test_a_missing_path_exits_2_with_one_line_on_stderr(tmp_path: Path) -> None:
-    result = CliRunner().invoke(app, ["audit", "verify", str(tmp_path / "nope")])
+    result = run_admin("audit", "verify", str(tmp_path / "nope"))
     assert result.exit_code == 2
     assert result.stderr.strip() == f"error: {tmp_path / 'nope'}: no such file or directory"
     assert "Traceback" not in result.output
@@ -118,9 +114,7 @@ def test_an_invalid_key_file_exits_2(tmp_path: Path) -> None:
     _build_log(tmp_path / "log", Ed25519PrivateKey.generate())
     bad = tmp_path / "bad.pub"
     bad.write_text("not a key\n")
-    result = CliRunner().invoke(
-        app, ["audit", "verify", str(tmp_path / "log"), "--public-key", str(bad)]
-    )
+    result = run_admin("audit", "verify", str(tmp_path / "log"), "--public-key", str(bad))
     assert result.exit_code == 2
     assert result.stderr.strip() == f"error: {bad} is not a PEM public key"
 
@@ -128,14 +122,12 @@ def test_an_invalid_key_file_exits_2(tmp_path: Path) -> None:
 def test_an_unreadable_key_file_exits_2(tmp_path: Path) -> None:
     _build_log(tmp_path / "log", Ed25519PrivateKey.generate())
     missing = tmp_path / "absent.pub"
-    result = CliRunner().invoke(
-        app, ["audit", "verify", str(tmp_path / "log"), "--public-key", str(missing)]
-    )
+    result = run_admin("audit", "verify", str(tmp_path / "log"), "--public-key", str(missing))
     assert result.exit_code == 2
     assert result.stderr.startswith(f"error: cannot read {missing}")
 
 
 def test_a_directory_without_a_log_exits_2(tmp_path: Path) -> None:
-    result = CliRunner().invoke(app, ["audit", "verify", str(tmp_path)])
+    result = run_admin("audit", "verify", str(tmp_path))
     assert result.exit_code == 2
     assert "no audit segments" in result.stderr

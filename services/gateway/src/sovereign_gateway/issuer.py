@@ -1,7 +1,7 @@
-"""The personal node's local token issuer: an Ed25519 key pair and the JWKS the gateway reads.
+"""The local token issuer (`oidc.provider: local`): an Ed25519 key pair and its JWKS.
 
-Takes a key directory; gives a `LocalIssuer` (creating the keys on first use) and signed
-access tokens shaped like Keycloak's, so the gateway treats both issuers alike.
+Takes the issuer directory; gives a `LocalIssuer` (the keys are created on first use) and
+signed access tokens shaped like Keycloak's, so the gateway treats both issuers alike.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from typing import Any
 import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from sovereign_gateway.keyfiles import KeyFileError, load_or_create_private_key, write_atomic
+
+from sovereign_gateway.contract import KeyFileError, load_or_create_private_key, write_atomic
 
 SIGNING_KEY = "signing-key.pem"
 JWKS = "jwks.json"
@@ -48,6 +49,10 @@ def public_jwk(private_key: Ed25519PrivateKey) -> dict[str, str]:
     return {"kty": "OKP", "crv": "Ed25519", "x": x, "kid": kid, "alg": ALGORITHM, "use": "sig"}
 
 
+def jwks_path(key_dir: Path) -> Path:
+    return key_dir / JWKS
+
+
 def ensure_keys(key_dir: Path) -> LocalIssuer:
     """Load the issuer in `key_dir`, creating the directory, key and JWKS when missing."""
     key_path = key_dir / SIGNING_KEY
@@ -58,7 +63,7 @@ def ensure_keys(key_dir: Path) -> LocalIssuer:
         # Racing first runs all end up with the one key that won, so the JWKS matches it.
         private_key = load_or_create_private_key(key_path)
         jwk = public_jwk(private_key)
-        _ensure_jwks(key_dir / JWKS, jwk)
+        _ensure_jwks(jwks_path(key_dir), jwk)
     except KeyFileError as exc:
         raise IssuerError(str(exc)) from None
     except OSError as exc:

@@ -1,4 +1,4 @@
-"""The personal node's local issuer and `sovereign token`: keys, tokens, and bad input."""
+"""The local issuer: its keys, its JWKS and the tokens it mints."""
 
 from __future__ import annotations
 
@@ -13,12 +13,8 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from jwt import PyJWK
-from typer.testing import CliRunner
+from sovereign_gateway.issuer import IssuerError, ensure_keys, mint, public_jwk
 
-from sovereign.cli import app
-from sovereign.issuer import IssuerError, ensure_keys, mint, public_jwk
-
-ROOT = Path(__file__).resolve().parents[2]
 ISSUER = "http://127.0.0.1:8000/local"
 AUDIENCE = "sovereign-gateway"
 
@@ -152,69 +148,3 @@ def test_each_token_has_its_own_jti(tmp_path: Path) -> None:
     ]
     jtis = {jwt.decode(t, options={"verify_signature": False})["jti"] for t in tokens}
     assert len(jtis) == 2
-
-
-# -- the CLI ------------------------------------------------------------------------------
-
-
-def test_token_command_prints_only_a_verifiable_token(tmp_path: Path) -> None:
-    key_dir = tmp_path / "issuer"
-    result = CliRunner().invoke(
-        app,
-        ["token", str(_profile(tmp_path, key_dir)), "--user", "ada", "--role", "user",
-         "--role", "admin", "--ttl", "30m", "--client", "notebook"],
-    )  # fmt: skip
-    assert result.exit_code == 0, result.output
-    assert result.stdout.count("\n") == 1
-    claims = _verify(result.stdout.strip(), key_dir)
-    assert (claims["sub"], claims["azp"]) == ("ada", "notebook")
-    assert claims["realm_access"]["roles"] == ["user", "admin"]
-    assert claims["exp"] - claims["iat"] == 1800
-
-
-def test_token_command_refuses_a_keycloak_profile() -> None:
-    path = ROOT / "profiles" / "personal.yaml"
-    result = CliRunner().invoke(app, ["token", str(path), "--user", "ada", "--role", "user"])
-    assert result.exit_code == 2
-    assert result.stdout == ""
-    assert result.stderr == (
-        f"error: identity.provider is keycloak in {path}; "
-        "get tokens from http://127.0.0.1:8080/realms/sovereign\n"
-    )
-
-
-def test_token_command_names_an_unknown_role_and_the_known_ones(tmp_path: Path) -> None:
-    profile = _profile(tmp_path, tmp_path / "issuer")
-    result = CliRunner().invoke(app, ["token", str(profile), "--user", "ada", "--role", "root"])
-    assert result.exit_code == 2
-    assert "role root is not in identity.roles" in result.stderr
-    assert "known roles: admin, user, service" in result.stderr
-    assert not (tmp_path / "issuer").exists()
-
-
-@pytest.mark.parametrize("ttl", ["1x", "0s", "-5m", "365d"])
-def test_token_command_refuses_a_bad_ttl(tmp_path: Path, ttl: str) -> None:
-    profile = _profile(tmp_path, tmp_path / "issuer")
-    result = CliRunner().invoke(
-        app, ["token", str(profile), "--user", "ada", "--role", "user", "--ttl", ttl]
-    )
-    assert result.exit_code == 2
-    assert "--ttl" in result.stderr
-    assert result.stdout == ""
-
-
-def test_token_command_requires_a_role(tmp_path: Path) -> None:
-    profile = _profile(tmp_path, tmp_path / "issuer")
-    result = CliRunner().invoke(app, ["token", str(profile), "--user", "ada"])
-    assert result.exit_code == 2
-    assert "at least one --role is required" in result.stderr
-
-
-def test_token_command_reports_an_unusable_key_dir(tmp_path: Path) -> None:
-    (tmp_path / "issuer").write_text("")
-    profile = _profile(tmp_path, tmp_path / "issuer")
-    result = CliRunner().invoke(app, ["token", str(profile), "--user", "ada", "--role", "user"])
-    assert result.exit_code == 2
-    assert str(tmp_path / "issuer") in result.stderr
-    assert "identity.local_key_dir" in result.stderr
-    assert "Traceback" not in result.output
