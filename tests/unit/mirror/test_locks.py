@@ -18,7 +18,7 @@ def test_the_gateway_wheel_lock_is_uv_lock_exported() -> None:
     assert uv, "uv runs the tests (`uv run pytest`) and sets UV"
     result = subprocess.run(
         [uv, "export", "--format", "requirements-txt", "--package", "sovereign-gateway",
-         "--no-dev", "--no-emit-workspace", "--frozen", "--no-header"],
+         "--extra", "llamacpp", "--no-dev", "--no-emit-workspace", "--frozen", "--no-header"],
         cwd=ROOT, capture_output=True, text=True, check=True,
     )  # fmt: skip
     header, _, body = GATEWAY_LOCK.read_text().partition("\n#    uv export")
@@ -28,5 +28,6 @@ def test_the_gateway_wheel_lock_is_uv_lock_exported() -> None:
 
 def test_every_pin_in_it_is_hashed_and_readable() -> None:
     pins = read_requirements(GATEWAY_LOCK)
-    assert {"starlette", "pydantic", "uvicorn"} <= {pin.name for pin in pins}
+    # The embedded engine's extra is in it: nodes run llama.cpp in the gateway.
+    assert {"starlette", "pydantic", "uvicorn", "llama-cpp-python"} <= {pin.name for pin in pins}
     assert all(pin.hashes for pin in pins)
