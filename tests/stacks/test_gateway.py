@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from sovereign_gateway.contract import GatewayConfig
 
+from sovereign.distribution.image import REPOSITORY_NAME, load_container_recipe
 from sovereign.profile.derived import BUNDLE_ROOT
 from sovereign.render import vllm
 from stacks.components.base import PRIORITY_SERVING
@@ -177,6 +178,22 @@ def test_deployment(default: tuple[list[Synthesized], Any]) -> None:
     assert container["readinessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
     assert container["livenessProbe"]["httpGet"]["path"] in ("/metrics", "/openapi.json")
     assert pod["hostAliases"] == [{"ip": "10.96.0.42", "hostnames": ["auth.dc1.internal"]}]
+
+
+def test_the_pod_runs_the_gateway_image_as_its_recipe_builds_it(
+    default: tuple[list[Synthesized], Any],
+) -> None:
+    """`sovereign gateway image` makes the image the Deployment names: its user is the pods',
+    and the command the pods run is its entrypoint, on the image's PATH."""
+    recipe, _ = load_container_recipe()
+    pod = find(default[0], "Deployment", APP)["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert pod["securityContext"]["runAsUser"] == recipe.user.uid
+    assert container["image"].split("@")[0].endswith(f"/{REPOSITORY_NAME}")
+    assert PurePosixPath(recipe.entrypoint[0]) == PurePosixPath(
+        recipe.venv, "bin", container["command"][0]
+    )
+    assert recipe.command == ["--config", container["command"][2]]
 
 
 def test_no_host_alias_without_keycloak_ip() -> None:

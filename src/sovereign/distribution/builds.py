@@ -37,7 +37,7 @@ Log = Callable[[str], None]
 
 def cache_root() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "sovereign" / "wheels"
+    return Path(os.environ.get("SOVEREIGN_WHEEL_CACHE", f"{base}/sovereign/wheels"))
 
 
 class BuildEnvironment:
@@ -63,12 +63,15 @@ class BuildEnvironment:
 
     def wheel(self, source: Path, out: Path, env: dict[str, str] | None = None) -> Path:
         """pip wheel of `source` (an sdist or a project directory) into the empty `out`."""
+        # Without isolation pip puts no build environment on PATH; the backends look for
+        # their tools there (uv_build for its `uv-build` binary).
+        path = f"{self.root / 'bin'}{os.pathsep}{os.environ.get('PATH', os.defpath)}"
         _run(
             [str(self.python()), "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
              "--no-cache-dir", "--disable-pip-version-check", "--wheel-dir", str(out),
              str(source)],
             f"building {source.name}",
-            env,
+            {**(env or {}), "PATH": path},
         )  # fmt: skip
         wheels = list(out.glob("*.whl"))
         if len(wheels) != 1:

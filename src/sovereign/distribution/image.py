@@ -237,6 +237,8 @@ def _build_base(recipe: ContainerRecipe, entry: Path, log: Log) -> None:
             f'echo "{user.name}:x:{user.uid}:" >> "$1/etc/group"',
             'rm -f "$1/etc/passwd-" "$1/etc/group-" "$1/etc/shadow-" "$1/etc/gshadow-"',
             # apt's lists are gone once mmdebstrap cleans up: take each .deb's sha256 now.
+            "chroot \"$1\" dpkg-query -W -f='${Package}\\t${Version}\\n' > "
+            + shlex.quote(str(work / "installed.tsv")),
             'chroot "$1" sh -c \'apt-cache show --no-all-versions '
             '$(dpkg-query -W -f="\\${Package}=\\${Version} ")\' > '
             + shlex.quote(str(work / "apt-show.txt")),
@@ -257,7 +259,7 @@ def _build_base(recipe: ContainerRecipe, entry: Path, log: Log) -> None:
         ]
         env = {**os.environ, "SOURCE_DATE_EPOCH": str(recipe.epoch)}
         _run(argv, work / "mmdebstrap.log", MMDEBSTRAP_TIMEOUT_S, env)
-        packages = _packages(work / "apt-show.txt", recipe.suite)
+        packages = _packages(work, recipe.suite)
         (work / "packages.json").write_text(
             json.dumps([package.to_json() for package in packages], indent=2) + "\n"
         )
@@ -269,31 +271,40 @@ def _build_base(recipe: ContainerRecipe, entry: Path, log: Log) -> None:
         raise
 
 
-def _packages(apt_show: Path, suite: str) -> list[Artifact]:
-    """Each installed package with the sha256 of its .deb, from `apt-cache show`."""
-    packages = []
-    for stanza in apt_show.read_text().split("\n\n"):
+def _packages(work: Path, suite: str) -> list[Artifact]:
+    """Each installed package with the sha256 of its .deb, from `apt-cache show` (whose
+    stanzas from dpkg's status, with no file, are passed over)."""
+    archive: dict[tuple[str, str], dict[str, str]] = {}
+    for stanza in (work / "apt-show.txt").read_text().split("\n\n"):
         fields = dict(
-            line.split(": ", 1) for line in stanza.splitlines() if re.match(r"^[A-Za-z-]+: ", line)
+            line.split(": ", 1)
+            for line in stanza.splitlines()
+            if re.match(r"^[A-Za-z0-9-]+: ", line)
         )
-        if "Package" not in fields:
-            continue
-        name, version, arch = fields["Package"], fields["Version"], fields["Architecture"]
+        if "Package" in fields and "SHA256" in fields:
+            archive[(fields["Package"], fields["Version"])] = fields
+    packages = []
+    for line in (work / "installed.tsv").read_text().splitlines():
+        name, version = line.split("\t")
+        if (name, version) not in archive:
+            raise ImageError(f"{name} {version} is installed but in no archive the recipe names")
+        fields = archive[(name, version)]
         packages.append(
             Artifact(
                 kind="deb",
                 name=name,
                 version=version,
-                path=fields.get("Filename", name),
+                path=fields["Filename"],
                 sha256=fields["SHA256"],
-                size=int(fields.get("Size", "0")),
-                source=f"Debian {suite}: {fields.get('Filename', name)}",
+                size=int(fields["Size"]),
+                source=f"Debian {suite}: {fields['Filename']}",
                 licence=None,  # Debian states it in each package's copyright file
-                purl=f"pkg:deb/debian/{name}@{version}?arch={arch}&distro=debian-12",
+                purl=f"pkg:deb/debian/{name}@{version}?arch={fields['Architecture']}"
+                "&distro=debian-12",
             )
         )
     if not packages:
-        raise ImageError(f"{apt_show}: no packages listed; the base build left no record")
+        raise ImageError(f"{work / 'installed.tsv'}: no packages; the base build left no record")
     return sorted(packages, key=lambda package: package.name)
 
 

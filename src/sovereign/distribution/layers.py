@@ -74,7 +74,7 @@ def layer_from_tar(source: Path, out: Path, epoch: int) -> str:
 def _paths(root: Path, subtree: str) -> Iterator[str]:
     parts = [part for part in subtree.strip("/").split("/") if part]
     found = {"/".join(parts[:end]) for end in range(1, len(parts) + 1)}
-    for directory, names, files in os.walk(root / subtree if parts else root):
+    for directory, names, files in os.walk(root.joinpath(*parts)):
         for name in (*names, *files):
             found.add(os.path.relpath(os.path.join(directory, name), root))
     yield from sorted(found, key=tree_order)

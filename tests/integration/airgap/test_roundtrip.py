@@ -29,7 +29,10 @@ from urllib.parse import urlsplit
 import pytest
 from typer.testing import CliRunner
 
+from sovereign import tools
 from sovereign.cli import app
+from sovereign.distribution.builds import cache_root
+from sovereign.distribution.wheelhouse import GATEWAY_LOCK
 from sovereign.image.recipe import load_recipe
 from tests.integration.airgap.aptrepo import Deb, build_deb, make_repository, signing_key
 from tests.integration.airgap.registry import Registry, build_index, digest_of, skopeo
@@ -49,7 +52,8 @@ APT_TIMEOUT_S = 180
 @dataclass
 class Upstream:
     pypi: str
-    lock: Path
+    lock: Path  # the two stand-in wheels alone
+    bundle_lock: Path  # those, and the gateway's own lock, which the bundle builds a wheelhouse of
     registry: Registry
     app_digest: str  # team/app:1.0's linux/amd64 image manifest
     apt: str
@@ -79,18 +83,24 @@ def _invoke(*argv: str) -> tuple[int, str, str]:
     return result.exit_code, result.stdout, result.stderr
 
 
-def _wheels(work: Path) -> Path:
-    """Two pure wheels and a lock pinning both by hash, as `uv export` writes it."""
+def _wheels(work: Path) -> tuple[Path, Path]:
+    """Two pure wheels and a lock pinning both by hash, as `uv export` writes it; and a lock
+    with the gateway's too, whose packages (`sovereign tools install gateway-packages`)
+    are on the same index."""
     packages = work / "packages"
     hello = make_wheel(packages, "hello-sov", "1.0", licence="Apache-2.0")
     helper = make_wheel(packages, "helper-sov", "2.0", licence="MIT")
     make_wheel(packages, "hello-sov", "0.9")  # on the index, not pinned
+    for package in tools.gateway_packages().iterdir():
+        (packages / package.name).symlink_to(package)
     lock = work / "requirements.txt"
     lock.write_text(
         f"hello-sov==1.0 \\\n    --hash=sha256:{sha256(hello)}\n"
         f"helper-sov==2.0 \\\n    --hash=sha256:{sha256(helper)}\n"
     )
-    return lock
+    bundle_lock = work / "bundle-requirements.txt"
+    bundle_lock.write_text(lock.read_text() + GATEWAY_LOCK.read_text())
+    return lock, bundle_lock
 
 
 def _debs(work: Path) -> dict[str, list[Path]]:
@@ -129,7 +139,7 @@ def _hub(root: Path) -> dict[str, bytes]:
 @contextlib.contextmanager
 def upstream(work: Path) -> Iterator[Upstream]:
     with contextlib.ExitStack() as stack:
-        lock = _wheels(work)
+        lock, bundle_lock = _wheels(work)
         pypi = stack.enter_context(pypiserver(work / "packages", work / "pypiserver.log"))
         images = build_index(work / "layout", "1.0")
         registry = Registry(work / "storage", work / "registry.log")
@@ -146,7 +156,9 @@ def upstream(work: Path) -> Iterator[Upstream]:
         _hub(work / "hub")
         hub = stack.enter_context(file_server(work / "hub", work / "hub.log", hub=True))
         pin = _hub_listing(work / "hub")
-        yield Upstream(pypi, lock, registry, amd64.digest, apt.url, key.keyring, hub.url, pin)
+        yield Upstream(
+            pypi, lock, bundle_lock, registry, amd64.digest, apt.url, key.keyring, hub.url, pin
+        )
 
 
 def _profile(work: Path, up: Upstream, mirrors: dict[str, str]) -> Path:
@@ -183,7 +195,7 @@ def _bundle_section(up: Upstream) -> str:
         "bundle:\n"
         "  wheels:\n"
         f"    index: {up.pypi}\n"
-        f"    requirements: {up.lock}\n"
+        f"    requirements: {up.bundle_lock}\n"
         '    python: ["3.11"]\n'
         "    platforms: [manylinux_2_36_x86_64]\n"
         "  images:\n"
@@ -312,6 +324,9 @@ def test_a_bundle_made_upstream_installs_on_the_air_gapped_side_from_its_mirrors
 ) -> None:
     need("docker-registry", "skopeo", "reprepro", "gpg", "gpgv", "dpkg-deb", "apt-get")
     need("unshare", "chroot", "mount")
+    # llama-cpp-python's wheel, built from its sdist, stays where earlier runs left it.
+    monkeypatch.setenv("SOVEREIGN_WHEEL_CACHE", str(cache_root()))
+    monkeypatch.setenv("SOVEREIGN_TOOLS_DIR", str(tools.tools_dir()))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
     into = tmp_path / "imported"
@@ -383,6 +398,7 @@ def test_a_bundle_made_upstream_installs_on_the_air_gapped_side_from_its_mirrors
             done = _pip_install(conf, lock, tmp_path / "site-2")
         assert done.returncode == 0, done.stderr
         assert (tmp_path / "site-2/hello_sov/__init__.py").is_file()
+        _gateway_installs_from_the_imported_mirror(into, node, tmp_path / "gateway-venv")
 
         # skopeo: pulled from the fresh registry, and by the upstream names through the
         # generated registries.conf, which has nowhere else to go.
@@ -412,6 +428,31 @@ def test_a_bundle_made_upstream_installs_on_the_air_gapped_side_from_its_mirrors
 
         _registry_down_stops_the_import_first(bundle, trust, tmp_path / "third")
         _tampered_wheel_is_refused(bundle, trust, tmp_path / "second")
+
+
+def _gateway_installs_from_the_imported_mirror(into: Path, node: Path, venv: Path) -> None:
+    """The gateway's wheelhouse: every wheel by hash from the imported PEP 503 tree, with
+    the requirements the bundle carried; pip runs from its own wheel, as on a node."""
+    requirements = into / "config" / "wheelhouse" / "requirements.txt"
+    assert "sovereign-gateway[llamacpp]==0.1.0 \\" in requirements.read_text()
+    [installer] = (into / "pypi" / "files").glob("pip-*.whl")
+    parser = configparser.ConfigParser()
+    parser.read(node / "etc/pip.conf")
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    env = {"PATH": "/usr/bin:/bin", "PIP_CONFIG_FILE": os.devnull}
+    done = subprocess.run(
+        [str(venv / "bin/python"), f"{installer}/pip", "install", "--no-cache-dir",
+         "--disable-pip-version-check", "--index-url", parser["global"]["index-url"],
+         "--require-hashes", "-r", str(requirements)],
+        capture_output=True, text=True, env=env, check=False, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    admin = subprocess.run(
+        [str(venv / "bin/sovereign-gateway"), "admin", "lock", "--help"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert admin.returncode == 0, admin.stderr
+    assert not (venv / "bin/pip").exists()
 
 
 def _check_files(into: Path, tmp_path: Path) -> None:

@@ -18,7 +18,15 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from sovereign.bundle.create import CreateOptions, create_bundle
-from sovereign.bundle.layout import BLOBS, BundleError
+from sovereign.bundle.layout import (
+    BLOBS,
+    MEDIA_MANIFEST,
+    REF_NAME,
+    BundleError,
+    Descriptor,
+    LayoutWriter,
+    dumps,
+)
 from sovereign.bundle.manifest import verify
 from sovereign.cli import app
 from sovereign.mirror.fetch import Fetcher
@@ -422,3 +430,85 @@ def test_bundle_platforms_and_images_are_checked_when_the_profile_is(tmp_path: P
     assert "bundle.wheels.platforms[0]: platform 'manylinux2014_x86_64'" in complaint
     assert "bundle.images[0]: " in complaint
     assert "bundle.platforms[0]: 'amd64': a platform is os/architecture[/variant]" in complaint
+
+
+def _gateway_image(tmp_path: Path) -> tuple[Path, str]:
+    """A stand-in for `sovereign gateway image` output: a one-layer OCI layout and its
+    image.json (the real image is built and run in tests/integration/test_gateway_image.py)."""
+    out = tmp_path / "gateway-image"
+    writer = LayoutWriter(out)
+    layer = tmp_path / "layer.tar"
+    layer.write_bytes(b"\0" * 1024)
+    config = dumps({"architecture": "amd64", "os": "linux", "config": {"User": "65532:65532"}})
+    manifest = dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": MEDIA_MANIFEST,
+            "config": {
+                "mediaType": "application/vnd.oci.image.config.v1+json",
+                "digest": writer.add_bytes(config),
+                "size": len(config),
+            },
+            "layers": [
+                {
+                    "mediaType": "application/vnd.oci.image.layer.v1.tar",
+                    "digest": writer.add_file(layer),
+                    "size": 1024,
+                }
+            ],
+        }
+    )
+    digest = writer.add_bytes(manifest)
+    writer.manifests.append(Descriptor(MEDIA_MANIFEST, digest, len(manifest), {REF_NAME: "0.1.0"}))
+    writer.write_layout()
+    (out / "image.json").write_bytes(
+        dumps({"digest": digest, "reference": "sovereign/gateway:0.1.0"})
+    )
+    return out, digest
+
+
+def test_a_bundle_carries_the_gateway_image_by_its_digest(
+    tmp_path: Path, key: Ed25519PrivateKey
+) -> None:
+    image, digest = _gateway_image(tmp_path)
+    profile_path = _profile(tmp_path)
+    options = CreateOptions(tmp_path / "bundle", key, tmp_path / "cache", gateway_image=image)
+    with Fetcher(console=Console(force_terminal=False)) as fetcher:
+        create_bundle(load_profile(profile_path), profile_path, options, fetcher, lambda _: None)
+    manifest = json.loads((tmp_path / "bundle" / "bundle.json").read_text())
+    [carried] = [a for a in manifest["artifacts"] if a["kind"] == "oci-image"]
+    assert carried["name"] == "sovereign/gateway"
+    assert f"sha256:{carried['sha256']}" == carried["manifest"] == digest
+    assert carried["ref"] == "localhost/sovereign/gateway:0.1.0"
+    assert verify(tmp_path / "bundle", key.public_key()).ok
+
+
+def test_a_cluster_pinned_to_another_gateway_digest_is_refused_naming_the_line(
+    tmp_path: Path,
+) -> None:
+    image, digest = _gateway_image(tmp_path)
+    key = tmp_path / "bundle.pem"
+    _invoke("keys", "create", str(key))
+    # The datacenter example, with a bundle: section naming where its models come from.
+    datacenter = tmp_path / "dc1.yaml"
+    datacenter.write_text(
+        (ROOT / "profiles" / "datacenter.yaml").read_text().replace("../docs/", f"{ROOT}/docs/")
+        + "bundle:\n  models:\n    sources:\n"
+        f"      llama-3.1-70b-instruct-fp8: file:{tmp_path}/llama\n"
+        f"      qwen2.5-7b-instruct-awq: file:{tmp_path}/qwen\n"
+    )
+    (tmp_path / "llama").mkdir()
+    (tmp_path / "qwen").mkdir()
+    code, _, complaint = _invoke(
+        "bundle", "create", str(datacenter), "--out", str(tmp_path / "o"), "--key", str(key),
+        "--gateway-image", str(image),
+    )  # fmt: skip
+    lines = datacenter.read_text().splitlines()
+    line = next(n for n, text in enumerate(lines, 1) if text.startswith("    gateway: sovereign/"))
+    assert code == 2, complaint
+    assert complaint.startswith(f"{datacenter}:{line}:14: error: cluster.images.gateway: ")
+    assert (
+        "pins sha256:2d84ede448ca1a195234c42df8e2e99a5a990b4c9f4a5850166a13d303c338ba" in complaint
+    )
+    assert f"but --gateway-image {image} is {digest}" in complaint
+    assert not (tmp_path / "o").exists()
