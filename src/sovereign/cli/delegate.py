@@ -1,8 +1,6 @@
-"""The toolkit's audit, keys rotate, memory, lock and token commands run the gateway's own.
-
-`sovereign-gateway admin` is the one implementation, and runs on a node where only the
-gateway is installed. These commands pass their arguments on, with the toolkit's
-`--render DIR` turned into the config it holds, and exit with the gateway's exit code.
+"""The toolkit's audit, keys rotate, memory, lock and token commands run the gateway's own
+`sovereign-gateway admin` (one implementation, which a node has too), with `--render DIR`
+turned into the config it holds, and exit as it does.
 """
 
 from __future__ import annotations

@@ -1,7 +1,5 @@
-"""`sovereign gateway wheels|image`: the gateway as a node installs it, or a cluster runs it.
-
-`wheels` exits 0 with the wheelhouse written whole, 1 when a fetch or a build failed
-(nothing is written), 2 on bad input; `image` the same for the OCI image layout.
+"""`sovereign gateway wheels|image`: the gateway as a node installs it, or a cluster runs it;
+exit 0 written whole, 1 a fetch or build failed (nothing written), 2 bad input.
 """
 
 from __future__ import annotations

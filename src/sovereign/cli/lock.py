@@ -1,7 +1,5 @@
-"""`sovereign lock keygen|create|verify`: the compliance lock (delegates to the gateway's admin).
-
-Takes a render directory and an Ed25519 key pair; gives a signed manifest, or the reasons
-a manifest does not hold (exit 1) or cannot be checked (exit 2).
+"""`sovereign lock keygen|create|verify` (delegated to the gateway's admin with the render's
+config): a signed manifest, or why one does not hold (exit 1) or cannot be checked (exit 2).
 """
 
 from __future__ import annotations

@@ -1,8 +1,6 @@
-"""`sovereign memory check` and `sovereign keys rotate`: look after the encrypted memory.
-
-Both take a render directory and delegate to `sovereign-gateway admin` with its gateway
-config; they run while the gateway is stopped. Exit 0 done (or clean); 1 findings left,
-or the keys or stores could not be opened; 2 bad input.
+"""`sovereign memory check` and `sovereign keys rotate` (delegated to the gateway's admin
+with the render's config), run while the gateway is stopped; exit 0 done, 1 findings or
+unusable keys or stores, 2 bad input.
 """
 
 from __future__ import annotations

@@ -1,8 +1,5 @@
-"""`sovereign token`: mint an access token from the personal node's local issuer.
-
-Takes a profile (identity.provider local), a user and roles; delegates to the gateway's
-`admin token` with the profile's gateway config, so it prints only the token on stdout and
-`TOKEN=$(sovereign token --user ada --role user)` works.
+"""`sovereign token`: an access token from the profile's local issuer, minted by the
+gateway's `admin token`; only the token goes to stdout, so `TOKEN=$(sovereign token ...)`.
 """
 
 from __future__ import annotations

@@ -1,8 +1,7 @@
 """Wheels built here from source: the gateway's own, and sdists the index has no wheel of.
 
-Takes a project directory or a hash-checked sdist; gives a wheel built by pip with no
-build isolation, in a throwaway venv that holds the pinned, hashed build lock from the
-index. An sdist's wheel is cached by what went in: its sha256, its flags and the target.
+Built by pip without isolation in a throwaway venv holding the pinned build lock; an
+sdist's wheel is cached by its sha256, its flags and the target.
 """
 
 from __future__ import annotations

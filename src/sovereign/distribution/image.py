@@ -1,9 +1,7 @@
 """`sovereign gateway image`: the gateway as an OCI image, built without a Docker daemon.
 
-Takes a wheelhouse and `images/gateway/recipe.yaml`; gives an OCI image layout with two
-layers (the Debian base from mmdebstrap, cached by recipe hash, and the venv the image's
-own Python and pip install from the wheelhouse), a CycloneDX SBOM, and for the same
-inputs the same digest.
+A Debian base from mmdebstrap (cached by recipe hash) and the venv the image's own pip
+installs from a wheelhouse, as reproducible layers with a CycloneDX SBOM.
 """
 
 from __future__ import annotations

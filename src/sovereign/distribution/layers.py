@@ -1,8 +1,6 @@
-"""OCI image layers written so that the same files give the same bytes, build after build.
-
-Takes a directory (or a subtree of it) or a tar file; gives an uncompressed layer tar whose
-entries come in tree order, with mtimes clamped to the build's epoch, numeric owners only,
-no pax extras, and hard links kept. Uncompressed because gzip's bytes depend on the zlib.
+"""OCI image layers whose bytes the same files always give: entries in tree order, mtimes
+clamped to the build's epoch, numeric owners, no pax extras, hard links kept; uncompressed,
+because gzip's bytes depend on the zlib that wrote them.
 """
 
 from __future__ import annotations

@@ -1,8 +1,7 @@
 """`sovereign gateway wheels`: every wheel the gateway needs on a profile's nodes, hash-locked.
 
-Takes a profile and an index; gives a directory with each wheel of the gateway's lock for
-the nodes' Python and platforms (what the index has only as an sdist is built here), the
-gateway's own wheel, `requirements.txt` pinning each by its sha256, and `wheels.json`.
+The lock's wheels for the nodes' Python and platforms (sdist-only ones built here), the
+gateway's own wheel, pip to install them, and `requirements.txt` pinning each by sha256.
 """
 
 from __future__ import annotations

@@ -10,6 +10,8 @@ import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+from sovereign_gateway.contract import CLASSIFICATIONS
+
 from sovereign.profile.model import Profile
 from sovereign.render import Renderer
 
@@ -17,8 +19,6 @@ REPOSITORY = Path(__file__).resolve().parents[3]
 # The packages the gateway asks; other policy packages ship with their own consumers.
 GATEWAY_PACKAGE_DIR = "gateway"
 
-# Ordered lowest to highest: a caller cleared for a level sees it and everything below.
-CLASSIFICATIONS = ["public", "internal", "confidential", "secret"]
 # Administrators and the internal embedding clients handle everything stored on the node;
 # every other role sees at most internal material unless identity.clearances says more.
 FULL_CLEARANCE_PERMISSIONS = frozenset({"admin", "embed"})
@@ -48,7 +48,8 @@ def policy_data(profile: Profile) -> dict[str, object]:
                 },
                 "service_clients": sorted(client.name for client in identity.service_clients),
                 "dlp": {"mode": profile.policy.dlp},
-                "classifications": CLASSIFICATIONS,
+                # Lowest first: a caller cleared for a level sees it and everything below.
+                "classifications": list(CLASSIFICATIONS),
                 "clearances": {
                     role: identity.clearances.get(role, clearance(perms))
                     for role, perms in sorted(identity.roles.items())

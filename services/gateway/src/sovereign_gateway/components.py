@@ -1,8 +1,7 @@
-"""The gateway's running parts, started and stopped together.
+"""The gateway's running parts, started and stopped together, each failing closed.
 
-Takes the config and its path; gives the identity backend, policy engine, audit log, lock
-watcher, runtime, memory and TLS state that the guard and the endpoints use. A part that
-cannot start is recorded with its reason: the gateway stays up, fails closed, and says why.
+Takes the config and its path; gives identity, policy, audit, lock, runtime, memory and
+TLS to the guard and the endpoints; a part that cannot start says why in /health.
 """
 
 from __future__ import annotations

@@ -1,8 +1,7 @@
-"""The contract between the toolkit and the gateway: the versioned config and shared formats.
+"""The contract between toolkit and gateway: the versioned config, enumerations, key files.
 
-The toolkit renders a `GatewayConfig` from a node profile; the gateway reads it with
-`load_config`. Both use the enumerations and the Ed25519 key files defined here, and this
-module imports nothing else of the gateway, so the toolkit can depend on it alone.
+The toolkit renders `GatewayConfig`, the gateway reads it; nothing else of the gateway is
+imported here, so the toolkit may depend on this module alone.
 """
 
 from __future__ import annotations

@@ -1,8 +1,7 @@
-"""The one pipeline every API route passes through: body, identity, policy, lock, audit.
+"""The one pipeline every API route passes: body, identity, policy, lock, then audit.
 
-Takes a request, its action, its body model and the endpoint's handler; gives the handler's
-response, or the refusal, after a durable audit record. Work that starts compute is made
-durable ("admitted") before it starts, and a client that disconnects cancels it.
+Takes a request, its action, body model and handler; gives the answer or the refusal,
+audited; compute is admitted durably first, and a client's disconnect cancels it.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from pydantic_core import ErrorDetails
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
+from sovereign_gateway.contract import Classification
 from sovereign_gateway.errors import ApiError
 
 
@@ -43,7 +44,6 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-Classification = Literal["public", "internal", "confidential", "secret"]
 # The profile's tag syntax: what a payload index and a policy rule can match exactly.
 Tag = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,63}$")]
 DocumentId = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]

@@ -1,8 +1,7 @@
-"""TLS 1.3 on the client boundary: the server's context, a node-local CA, certificate state.
+"""TLS 1.3 on the client boundary: the server context, a node-local CA, certificate state.
 
-Takes the config's `listen.tls`; gives the server's `SSLContext` (TLS 1.3 only), and in
-`local_ca` mode a CA kept on the node (P-256, `ca.pem` for clients) that issues the
-server's own certificate for the node's names and addresses, reissued before it expires.
+Takes `listen.tls`; gives a TLS 1.3-only `SSLContext`, and in local_ca mode a CA on the
+node that issues the server's certificate for its names, again before it expires.
 """
 
 from __future__ import annotations

@@ -1,8 +1,7 @@
 """`sovereign-gateway admin`: the node operator's commands, where only the gateway is installed.
 
-Takes a rendered config (`--config`) or an audit log; gives the verdicts and exit codes the
-toolkit's `sovereign audit|keys|memory|lock|token` commands document, since those delegate
-here: 0 done or intact, 1 a finding or a failure, 2 bad input (one `error:` line).
+The toolkit's audit, keys, memory, lock and token commands delegate here: exit 0 done or
+intact, 1 a finding or a failure, 2 bad input (one `error:` line).
 """
 
 from __future__ import annotations

@@ -1,7 +1,6 @@
-"""`admin health`: ask the running gateway for /health and show each component's state.
+"""`admin health`: the running gateway's /health, over TLS when the config says so.
 
-Takes the rendered config (its listen address and TLS settings) or a URL; exit 0 when every
-component is ready, 1 when one is not or the gateway does not answer, 2 bad input.
+Exit 0 when every component is ready, 1 when one is not or nothing answers, 2 bad input.
 """
 
 from __future__ import annotations
@@ -29,16 +28,21 @@ def run(args: argparse.Namespace) -> int:
         config = config_from(args.config)
         base = _base(config)
         trusted = trusted or _trusted(config, args.config)
-    verify: ssl.SSLContext | bool = True if trusted is None else tls.client_context(trusted)
+    try:
+        verify: ssl.SSLContext | bool = True if trusted is None else tls.client_context(trusted)
+    except (OSError, ssl.SSLError) as exc:
+        reason = getattr(exc, "strerror", None) or exc
+        raise AdminError(f"the CA to trust, {trusted}: {reason}") from None
     try:
         with httpx.Client(verify=verify, timeout=TIMEOUT_S, trust_env=False) as client:
             response = client.get(f"{base}/health")
         body = response.json()
-    except (httpx.HTTPError, ValueError, ssl.SSLError) as exc:
+    except (httpx.HTTPError, ValueError) as exc:
         print(f"✗ {base}: no answer: {exc}")
         return EXIT_FAILED
-    except OSError as exc:
-        raise AdminError(f"--ca {trusted}: {exc.strerror or exc}") from None
+    if not isinstance(body, dict):
+        print(f"✗ {base}: /health answered with no JSON object; is this a gateway?")
+        return EXIT_FAILED
     ready = response.status_code == 200 and bool(body.get("ready"))
     mark = "✓" if ready else "✗"
     print(f"{mark} {base}: {'ready' if ready else 'not ready'} (profile {body.get('profile')})")

@@ -1,7 +1,5 @@
-"""`admin lock keygen|create|verify`: make, sign and check the compliance lock.
-
-Takes a rendered config and an Ed25519 key pair; gives a signed manifest, or the reasons a
-manifest does not hold (exit 1) or cannot be checked (exit 2).
+"""`admin lock keygen|create|verify`: make, sign and check the compliance lock; exit 1
+when a manifest does not hold (each reason named), 2 when it cannot be checked.
 """
 
 from __future__ import annotations

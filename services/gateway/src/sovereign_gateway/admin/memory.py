@@ -1,9 +1,7 @@
-"""`admin memory check` and `admin keys rotate`: look after the node's encrypted memory.
+"""`admin memory check` and `admin keys rotate`, run while the gateway is stopped.
 
-Both take the rendered config (it names the data dir, the key source and the stores) and
-run while the gateway is stopped: the embedded vector store is held by one process at a
-time. Exit 0 done (or clean); 1 findings left, or the keys or stores could not be opened;
-2 bad input.
+Exit 0 done or clean; 1 findings left, or keys or stores that cannot be opened; 2 bad
+input. Each change is recorded in the node's audit log, as the gateway would.
 """
 
 from __future__ import annotations

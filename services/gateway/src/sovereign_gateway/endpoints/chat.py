@@ -1,8 +1,7 @@
 """`POST /v1/chat/completions`: OpenAI-compatible chat, streamed or not, grounded on request.
 
-Takes a chat request the guard has allowed; redacts what the policy asks, retrieves the
-caller's readable chunks when retrieval is on (each excerpt screened by DLP), and relays
-the model's answer from its backend, with citations and token usage in the audit record.
+Takes an allowed request; redacts what the policy asks, adds the caller's readable chunks
+(each screened by DLP) and relays the engine's answer with citations and token usage.
 """
 
 from __future__ import annotations

@@ -1,7 +1,5 @@
-"""`POST /v1/embeddings` (OpenAI-compatible) and `POST /embed` (internal service clients).
-
-Takes texts the policy has allowed; gives vectors from the memory's embedding model, as
-floats or little-endian float32 base64.
+"""`POST /v1/embeddings` (OpenAI-compatible) and `POST /embed` (internal service clients):
+vectors from the memory's embedding model for allowed texts, as floats or base64.
 """
 
 from __future__ import annotations

@@ -1,7 +1,5 @@
-"""`GET /health`, `GET /metrics` and `GET /openapi.json`: unauthenticated, read-only.
-
-Takes nothing; gives each component's readiness with its reason (HTTP 503 until all are
-ready), the Prometheus metrics, and the OpenAPI document.
+"""`GET /health`, `/metrics` and `/openapi.json`, unauthenticated: each component's
+readiness and why (503 until all are ready), the Prometheus metrics, the OpenAPI document.
 """
 
 from __future__ import annotations

@@ -1,8 +1,7 @@
-"""`POST /ingest`, `POST /query` and `DELETE /documents/{id}`: the caller's encrypted memory.
+"""`POST /ingest`, `POST /query`, `DELETE /documents/{id}`: the caller's encrypted memory.
 
-Takes requests the guard has authenticated and the policy has allowed; gives documents
-stored, chunks retrieved (filtered by the policy's `memory_access` obligation) and
-documents shredded. Chat's retrieval uses `access`, `narrowing` and `cited` from here.
+Takes allowed requests; gives documents stored, chunks the policy's `memory_access` lets
+the caller read, and documents shredded. Chat's retrieval uses the helpers here.
 """
 
 from __future__ import annotations

@@ -27,14 +27,14 @@ from collections.abc import Callable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from argon2.exceptions import HashingError
 from argon2.low_level import Type, hash_secret_raw
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from sovereign_gateway.contract import fsync_dir, temp_beside, write_atomic, write_new
+from sovereign_gateway.contract import KeySource, fsync_dir, temp_beside, write_atomic, write_new
 from sovereign_gateway.memory import tpm
 from sovereign_gateway.memory.errors import KeyUnavailable, Tampered
 
@@ -48,8 +48,7 @@ SALT_BYTES = 16
 PASSPHRASE_VARIABLE = "SOVEREIGN_MEMORY_PASSPHRASE"  # noqa: S105 (a name, not a secret)
 PASSPHRASE_CREDENTIAL = "memory-passphrase"  # noqa: S105 (a name, not a secret)
 
-Source = Literal["file", "passphrase", "tpm"]
-SOURCES = ("file", "passphrase", "tpm")
+SOURCES: tuple[KeySource, ...] = get_args(KeySource)
 _NO_PASSPHRASE = (
     f"no memory passphrase was given ({PASSPHRASE_VARIABLE} or the systemd credential "
     f"{PASSPHRASE_CREDENTIAL})"
@@ -138,7 +137,7 @@ def seal_chunks(key: bytes, doc_id: str, key_version: int, chunks: Sequence[byte
 
 @dataclass(frozen=True)
 class KekSettings:
-    source: Source
+    source: KeySource
     keyring: Path
     key_file: Path | None = None
     passphrase: str | None = field(default=None, repr=False)
@@ -255,7 +254,7 @@ class _Version:
     escrow: tuple[int, bytes] | None = None  # (version it is wrapped under, wrapped KEK)
 
     @property
-    def source(self) -> Source:
+    def source(self) -> KeySource:
         if isinstance(self.provider, _KeyFile):
             return "file"
         return "passphrase" if isinstance(self.provider, _Argon2id) else "tpm"

@@ -23,7 +23,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, Literal, Protocol, TypeAlias
+from typing import Any, Final, Protocol, TypeAlias
 
 import anyio
 import anyio.to_thread
@@ -35,12 +35,12 @@ from qdrant_client import AsyncQdrantClient
 from qdrant_client import models as qm
 from qdrant_client.http.exceptions import ApiException
 
+from sovereign_gateway.contract import CLASSIFICATIONS
+from sovereign_gateway.contract import VectorStore as VectorStoreKind
 from sovereign_gateway.memory.errors import StoreUnavailable
 
 log = logging.getLogger("sovereign_gateway.memory")
 
-Classification = Literal["public", "internal", "confidential", "secret"]
-CLASSIFICATIONS: Final = ("public", "internal", "confidential", "secret")
 
 # HNSW settings for both engines, chosen with bench/memory_query.py (docs/benchmarks.md):
 # recall@10 >= 0.95 against exact search at 100k chunks, with and without an access filter.
@@ -214,7 +214,7 @@ def point_id(doc_id: str, chunk: int) -> str:
 
 
 async def open_store(
-    kind: Literal["embedded", "qdrant"],
+    kind: VectorStoreKind,
     *,
     path: Path,
     dimensions: int,
