@@ -29,14 +29,16 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _profile(tmp_path: Path, opa_port: int, gateway_port: int, engine: str = "remote") -> Path:
+def _profile(
+    tmp_path: Path, opa_port: int, gateway_port: int, engine: str = "remote", gateway: str = ""
+) -> Path:
     path = tmp_path / "node.yaml"
     path.write_text(
         "kind: personal\nname: up-test\n"
         f"identity:\n  issuer: http://127.0.0.1:{gateway_port}/local\n"
         f"  local_key_dir: {tmp_path}/issuer\n"
         f"policy:\n  engine: {engine}\n  opa_url: http://127.0.0.1:{opa_port}\n"
-        f"gateway:\n  listen: 127.0.0.1:{gateway_port}\n"
+        f"gateway:\n  listen: 127.0.0.1:{gateway_port}\n{gateway}"
         f"audit:\n  path: {tmp_path}/audit\n  signing_key: {tmp_path}/keys/audit.key\n"
         f"memory:\n  data_dir: {tmp_path}/memory\n  key_file: {tmp_path}/keys/kek\n"
     )
@@ -113,6 +115,23 @@ def test_up_check_installs_what_the_profile_needs_into_an_empty_tools_cache(
         (tmp_path / "state" / "up-test" / "render" / "gateway" / "config.json").read_bytes()
     )
     assert config["models"][0]["weights"].startswith(str(empty))
+
+
+@pytest.mark.slow
+def test_up_check_speaks_tls_to_a_node_with_a_local_ca(tmp_path: Path) -> None:
+    """The gateway makes its CA as it starts; `up` trusts it for /health, the token's
+    first answer and the memory check, and prints examples that trust it too."""
+    tls = f"  tls:\n    local_ca: true\n    ca_dir: {tmp_path}/tls\n"
+    port = _free_port()
+    profile = _profile(tmp_path, _free_port(), port, engine="embedded", gateway=tls)
+    proc = _up(profile, "--state-dir", tmp_path / "state", "--check")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"https://127.0.0.1:{port}/health → HTTP 200" in proc.stdout
+    assert "TLS 1.3; certificate valid until" in proc.stdout
+    assert "the node answered: The capital of France is Paris." in proc.stdout
+    assert (
+        f"curl -s --cacert {tmp_path}/tls/ca.pem https://127.0.0.1:{port}/v1/models" in proc.stdout
+    )
 
 
 def test_up_needs_the_models_it_runs_and_opa_only_when_it_starts_one(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -16,12 +17,14 @@ import time
 import urllib.error
 import urllib.request
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 import typer
 from rich.table import Table
+from sovereign_gateway.contract import LOCAL_CA_CERTIFICATE
 
 from sovereign import tools
 from sovereign.cli import app
@@ -73,18 +76,60 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
         process.wait()
 
 
-def _health(url: str) -> tuple[int, dict[str, Any]] | None:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310
-            return response.status, json.load(response)
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.load(exc)
-    except (OSError, ValueError):
-        return None
+@dataclass(frozen=True)
+class Address:
+    """Where the node's gateway answers, and over TLS the certificate to trust there: the
+    local CA's (which the gateway writes as it starts), or the one it serves."""
+
+    base: str
+    trusted: Path | None
+
+    @classmethod
+    def of(cls, profile: Profile) -> Address:
+        host, port = split_host_port(profile.gateway.listen)
+        host = "127.0.0.1" if host == "0.0.0.0" else host  # noqa: S104 (reached from here)
+        tls = profile.gateway.tls
+        if tls is None:
+            return cls(f"http://{host}:{port}", None)
+        trusted = (
+            Path(tls.ca_dir) / LOCAL_CA_CERTIFICATE if tls.local_ca else Path(tls.certificate or "")
+        )
+        return cls(f"https://{host}:{port}", trusted)
+
+    def open(self, request: str | urllib.request.Request, timeout: float) -> Any:
+        context = None
+        if self.trusted is not None:
+            context = ssl.create_default_context(cafile=str(self.trusted))
+            # An operator's certificate may chain to a CA this machine does not hold.
+            context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+        return urllib.request.urlopen(request, timeout=timeout, context=context)  # noqa: S310
+
+    def health(self) -> tuple[int, dict[str, Any]] | None:
+        try:
+            with self.open(f"{self.base}/health", 5) as response:
+                return response.status, json.load(response)
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.load(exc)
+        except (OSError, ValueError):
+            return None
+
+    def post(self, path: str, token: str, body: dict[str, Any]) -> dict[str, Any]:
+        """POST to the node; raises OSError on failure."""
+        request = urllib.request.Request(  # noqa: S310 (the node's own listen address)
+            f"{self.base}{path}",
+            data=json.dumps(body).encode(),
+            headers={"authorization": f"Bearer {token}", "content-type": "application/json"},
+        )
+        try:
+            with self.open(request, CHECK_CHAT_TIMEOUT_S) as response:
+                answer: dict[str, Any] = json.load(response)
+        except urllib.error.HTTPError as exc:
+            raise OSError(f"HTTP {exc.code}: {exc.read().decode(errors='replace')[:500]}") from None
+        return answer
 
 
 def _wait_for_health(
-    url: str, processes: dict[str, subprocess.Popen[bytes]]
+    address: Address, processes: dict[str, subprocess.Popen[bytes]]
 ) -> tuple[int, dict[str, Any]] | None:
     deadline = time.monotonic() + READY_TIMEOUT_S
     answer = None
@@ -93,7 +138,7 @@ def _wait_for_health(
             if process.poll() is not None:
                 errors.print(f"error: {name} exited with code {process.returncode}", markup=False)
                 return answer
-        answer = _health(url)
+        answer = address.health()
         if answer is not None and answer[0] == 200:
             return answer
         time.sleep(0.5)
@@ -117,22 +162,7 @@ def _local_token(profile: Profile, render_dir: Path) -> str | None:
     ).strip()
 
 
-def _post(base: str, path: str, token: str, body: dict[str, Any]) -> dict[str, Any]:
-    """POST to the node; raises OSError on failure."""
-    request = urllib.request.Request(  # noqa: S310 (the node's own listen address)
-        f"{base}{path}",
-        data=json.dumps(body).encode(),
-        headers={"authorization": f"Bearer {token}", "content-type": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=CHECK_CHAT_TIMEOUT_S) as response:  # noqa: S310
-            answer: dict[str, Any] = json.load(response)
-    except urllib.error.HTTPError as exc:
-        raise OSError(f"HTTP {exc.code}: {exc.read().decode(errors='replace')[:500]}") from None
-    return answer
-
-
-def _first_answer(base: str, model: str, token: str) -> str:
+def _first_answer(address: Address, model: str, token: str) -> str:
     """Ask the node one question through the full chat flow; raises OSError on failure."""
     body = {
         "model": model,
@@ -140,13 +170,16 @@ def _first_answer(base: str, model: str, token: str) -> str:
         "max_tokens": 32,
         "temperature": 0,
     }
-    answer = _post(base, "/v1/chat/completions", token, body)
+    answer = address.post("/v1/chat/completions", token, body)
     return str(answer["choices"][0]["message"]["content"]).strip()
 
 
-def _grounded_answer(base: str, model: str, token: str) -> tuple[dict[str, Any], str, list[str]]:
+def _grounded_answer(
+    address: Address, model: str, token: str
+) -> tuple[dict[str, Any], str, list[str]]:
     """Store a note in the node's memory, then ask about it with retrieval on."""
-    stored = _post(base, "/ingest", token, {"text": CHECK_NOTE, "title": "sovereign up --check"})
+    note = {"text": CHECK_NOTE, "title": "sovereign up --check"}
+    stored = address.post("/ingest", token, note)
     body = {
         "model": model,
         "messages": [{"role": "user", "content": CHECK_NOTE_QUESTION}],
@@ -154,7 +187,7 @@ def _grounded_answer(base: str, model: str, token: str) -> tuple[dict[str, Any],
         "temperature": 0,
         "retrieval": True,
     }
-    answer = _post(base, "/v1/chat/completions", token, body)
+    answer = address.post("/v1/chat/completions", token, body)
     cited = [str(citation["document"]) for citation in answer.get("citations") or []]
     return stored, str(answer["choices"][0]["message"]["content"]).strip(), cited
 
@@ -257,8 +290,7 @@ def up(
         "--config",
         str(render_config(render_dir)),
     ]
-    host, port = split_host_port(profile.gateway.listen)
-    health_url = f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}/health"  # noqa: S104
+    address = Address.of(profile)
 
     with ExitStack() as stack:
         processes: dict[str, subprocess.Popen[bytes]] = {}
@@ -268,26 +300,25 @@ def up(
         processes["gateway"] = _start(gateway_command, log_dir / "gateway.log")
         stack.callback(_stop, processes["gateway"])
 
-        answer = _wait_for_health(health_url, processes)
-        _print_health(health_url, answer, log_dir)
+        answer = _wait_for_health(address, processes)
+        _print_health(f"{address.base}/health", answer, log_dir)
         ready = answer is not None and answer[0] == 200
-        base = f"http://{health_url.split('/')[2]}"
         try:
             token = _local_token(profile, render_dir) if ready else None
         except AdminFailed as failure:
             errors.print(f"error: the local issuer: {failure}", markup=False)
             raise typer.Exit(EXIT_FAILED) from None
         if ready:
-            _print_examples(profile, file, base, token)
+            _print_examples(profile, file, address, token)
         if ready and check and token is not None:
             try:
-                reply = _first_answer(base, _example_model(profile), token)
+                reply = _first_answer(address, _example_model(profile), token)
             except (OSError, ValueError, KeyError) as exc:
                 errors.print(f"error: the first chat request failed: {exc}", markup=False)
                 raise typer.Exit(EXIT_FAILED) from None
             console.print(f"\nasked {CHECK_QUESTION!r}; the node answered: {reply}", markup=False)
             try:
-                stored, grounded, cited = _grounded_answer(base, _example_model(profile), token)
+                stored, grounded, cited = _grounded_answer(address, _example_model(profile), token)
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 errors.print(f"error: the memory check failed: {exc}", markup=False)
                 raise typer.Exit(EXIT_FAILED) from None
@@ -340,7 +371,9 @@ def _example_model(profile: Profile) -> str:
     return model.aliases[0] if model.aliases else model.name
 
 
-def _print_examples(profile: Profile, file: Path | None, base: str, token: str | None) -> None:
+def _print_examples(
+    profile: Profile, file: Path | None, address: Address, token: str | None
+) -> None:
     if token is not None:
         where = "" if file is None else f" {file}"
         export = (
@@ -351,23 +384,32 @@ def _print_examples(profile: Profile, file: Path | None, base: str, token: str |
     else:
         export = f"export TOKEN=...  # an access token from {profile.identity.issuer}"
     model = _example_model(profile)
+    base = address.base
+    curl = "curl -s" if address.trusted is None else f"curl -s --cacert {address.trusted}"
+    client = (
+        ""
+        if address.trusted is None
+        else ", http_client=httpx.Client(verify=ssl.create_default_context("
+        f'cafile="{address.trusted}"))'
+    )
+    modules = "os, openai" if address.trusted is None else "httpx, os, openai, ssl"
     console.print(
         "\nTry it (the gateway speaks the OpenAI API):\n"
         f"  {export}\n"
-        f'  curl -s {base}/v1/models -H "Authorization: Bearer $TOKEN"\n'
-        f'  curl -s {base}/v1/chat/completions -H "Authorization: Bearer $TOKEN" \\\n'
+        f'  {curl} {base}/v1/models -H "Authorization: Bearer $TOKEN"\n'
+        f'  {curl} {base}/v1/chat/completions -H "Authorization: Bearer $TOKEN" \\\n'
         "    -H 'content-type: application/json' \\\n"
         f'    -d \'{{"model": "{model}", "messages": '
         f'[{{"role": "user", "content": "{CHECK_QUESTION}"}}]}}\'\n'
-        "  uv run python -c 'import os, openai; c = openai.OpenAI("
-        f'base_url="{base}/v1", api_key=os.environ["TOKEN"]); '
+        f"  uv run python -c 'import {modules}; c = openai.OpenAI("
+        f'base_url="{base}/v1", api_key=os.environ["TOKEN"]{client}); '
         f'r = c.chat.completions.create(model="{model}", '
         f'messages=[{{"role": "user", "content": "{CHECK_QUESTION}"}}]); '
         "print(r.choices[0].message.content)'\n"
         "  # store a document in the node's encrypted memory, then chat grounded on it\n"
-        f'  curl -s {base}/ingest -H "Authorization: Bearer $TOKEN" -F file=@notes.pdf '
+        f'  {curl} {base}/ingest -H "Authorization: Bearer $TOKEN" -F file=@notes.pdf '
         "-F classification=internal\n"
-        f'  curl -s {base}/v1/chat/completions -H "Authorization: Bearer $TOKEN" \\\n'
+        f'  {curl} {base}/v1/chat/completions -H "Authorization: Bearer $TOKEN" \\\n'
         "    -H 'content-type: application/json' \\\n"
         f'    -d \'{{"model": "{model}", "retrieval": true, "messages": '
         '[{"role": "user", "content": "What do my notes say?"}]}\'',

@@ -63,6 +63,8 @@ def duration_seconds(value: str) -> int:
 SCHEMA_VERSION: Literal[2] = 2
 # Where `sovereign render` writes the config, relative to the render directory.
 CONFIG_PATH = Path("gateway") / "config.json"
+# In a local CA's directory: its certificate, which clients of the node trust.
+LOCAL_CA_CERTIFICATE = "ca.pem"
 
 
 class _Strict(BaseModel):

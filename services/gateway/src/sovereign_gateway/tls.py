@@ -19,9 +19,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from sovereign_gateway.contract import TLS, write_atomic
+from sovereign_gateway.contract import LOCAL_CA_CERTIFICATE, TLS, write_atomic
 
-CA_CERTIFICATE = "ca.pem"
+CA_CERTIFICATE = LOCAL_CA_CERTIFICATE
 CA_KEY = "ca.key"
 SERVER_CERTIFICATE = "server.pem"
 SERVER_KEY = "server.key"
