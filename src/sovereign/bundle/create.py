@@ -112,6 +112,11 @@ def create_bundle(
         images.append(_gateway_image(profile, profile_path, options.gateway_image))
     base_digest, omit = _base(options)
     extra_configs: dict[str, bytes] = {}
+    if spec.wheels is None and profile.kind != "datacenter":
+        log(
+            f"warning: {profile_path}: no bundle.wheels, so the bundle carries no gateway "
+            "wheelhouse, and the node cannot install the gateway from it"
+        )
     if spec.wheels is not None:
         # The gateway's wheelhouse: what the node installs it from, offline, by hash.
         wheelhouse = wheelhouse_spec(profile, profile_path, None)
