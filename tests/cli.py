@@ -9,21 +9,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
+from services.gateway.tests.commands import Ran
+
 SOVEREIGN = Path(sys.executable).with_name("sovereign")
-
-
-@dataclass(frozen=True)
-class Ran:
-    exit_code: int
-    stdout: str
-    stderr: str
-
-    @property
-    def output(self) -> str:
-        return self.stdout + self.stderr
 
 
 def sovereign(*args: str | Path, env: dict[str, str] | None = None, timeout: float = 300) -> Ran:

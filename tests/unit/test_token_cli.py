@@ -2,28 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
-import jwt
 import pytest
-from jwt import PyJWK
 
+from services.gateway.tests.tokens import verified_claims
 from tests.cli import sovereign
 
 ROOT = Path(__file__).resolve().parents[2]
-ISSUER = "http://127.0.0.1:8000/local"
-AUDIENCE = "sovereign-gateway"
-
-
-def _verify(token: str, key_dir: Path, **overrides: Any) -> dict[str, Any]:
-    jwks = json.loads((key_dir / "jwks.json").read_text())
-    header = jwt.get_unverified_header(token)
-    [entry] = [key for key in jwks["keys"] if key["kid"] == header["kid"]]
-    options: dict[str, Any] = {"audience": AUDIENCE, "issuer": ISSUER, **overrides}
-    claims: dict[str, Any] = jwt.decode(token, key=PyJWK(entry), algorithms=["EdDSA"], **options)
-    return claims
 
 
 def _profile(tmp_path: Path, key_dir: Path, extra: str = "") -> Path:
@@ -40,7 +26,7 @@ def test_token_command_prints_only_a_verifiable_token(tmp_path: Path) -> None:
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert result.stdout.count("\n") == 1
-    claims = _verify(result.stdout.strip(), key_dir)
+    claims = verified_claims(result.stdout.strip(), key_dir)
     assert (claims["sub"], claims["azp"]) == ("ada", "notebook")
     assert claims["realm_access"]["roles"] == ["user", "admin"]
     assert claims["exp"] - claims["iat"] == 1800

@@ -7,35 +7,17 @@ import json
 import stat
 import time
 from pathlib import Path
-from typing import Any
 
 import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from jwt import PyJWK
 from sovereign_gateway.issuer import IssuerError, ensure_keys, mint, public_jwk
 
-ISSUER = "http://127.0.0.1:8000/local"
-AUDIENCE = "sovereign-gateway"
+from services.gateway.tests.tokens import AUDIENCE, ISSUER, verified_claims
 
 
 def _mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
-
-
-def _verify(token: str, key_dir: Path, **overrides: Any) -> dict[str, Any]:
-    jwks = json.loads((key_dir / "jwks.json").read_text())
-    header = jwt.get_unverified_header(token)
-    [entry] = [key for key in jwks["keys"] if key["kid"] == header["kid"]]
-    options: dict[str, Any] = {"audience": AUDIENCE, "issuer": ISSUER, **overrides}
-    claims: dict[str, Any] = jwt.decode(token, key=PyJWK(entry), algorithms=["EdDSA"], **options)
-    return claims
-
-
-def _profile(tmp_path: Path, key_dir: Path, extra: str = "") -> Path:
-    path = tmp_path / "personal.yaml"
-    path.write_text(f"kind: personal\nname: t\nidentity:\n  local_key_dir: {key_dir}\n{extra}")
-    return path
 
 
 # -- keys ---------------------------------------------------------------------------------
@@ -107,7 +89,7 @@ def test_minted_token_verifies_against_the_jwks(tmp_path: Path) -> None:
     token = mint(issuer, issuer_url=ISSUER, audience=AUDIENCE, subject="ada", roles=["user"])
     header = jwt.get_unverified_header(token)
     assert (header["alg"], header["typ"], header["kid"]) == ("EdDSA", "JWT", issuer.kid)
-    claims = _verify(token, tmp_path / "issuer")
+    claims = verified_claims(token, tmp_path / "issuer")
     assert claims["sub"] == claims["preferred_username"] == "ada"
     assert claims["azp"] == "sovereign-cli"
     assert claims["roles"] == ["user"]
@@ -122,7 +104,7 @@ def test_minted_token_is_refused_for_another_audience(tmp_path: Path) -> None:
     issuer = ensure_keys(tmp_path / "issuer")
     token = mint(issuer, issuer_url=ISSUER, audience="elsewhere", subject="ada", roles=["user"])
     with pytest.raises(jwt.InvalidAudienceError):
-        _verify(token, tmp_path / "issuer")
+        verified_claims(token, tmp_path / "issuer")
 
 
 def test_minted_token_expires_after_its_ttl(tmp_path: Path) -> None:
@@ -137,7 +119,7 @@ def test_minted_token_expires_after_its_ttl(tmp_path: Path) -> None:
         now=int(time.time()) - 120,
     )
     with pytest.raises(jwt.ExpiredSignatureError):
-        _verify(token, tmp_path / "issuer")
+        verified_claims(token, tmp_path / "issuer")
 
 
 def test_each_token_has_its_own_jti(tmp_path: Path) -> None:

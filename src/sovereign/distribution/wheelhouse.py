@@ -13,8 +13,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from packaging.utils import canonicalize_name, parse_wheel_filename
-
 from sovereign.bundle.layout import move_into_place, new_staging, remove_staging
 from sovereign.distribution.builds import (
     BUILD_LOCK,
@@ -29,12 +27,11 @@ from sovereign.mirror.pypi import (
     MANIFEST,
     Pin,
     Target,
+    built_wheel,
     mirror_wheels,
     read_requirements,
-    wheel_licence,
 )
 from sovereign.profile.model import Profile
-from sovereign.tools import sha256_file
 
 GATEWAY_LOCK = REPOSITORY / "profiles" / "locks" / "gateway.txt"
 DEFAULT_INDEX = "https://pypi.org/simple/"
@@ -108,7 +105,8 @@ def collect_wheels(spec: WheelhouseSpec, directory: Path, fetcher: Fetcher, log:
         )
         gateway = builder.wheel(GATEWAY_SOURCE, Path(work) / "gateway")
         shutil.copyfile(gateway, directory / gateway.name)
-    return Collected(directory, [*wheels, _gateway_artifact(directory / gateway.name)], installer)
+    source = f"built from {GATEWAY_SOURCE.relative_to(REPOSITORY)}"
+    return Collected(directory, [*wheels, built_wheel(directory / gateway.name, source)], installer)
 
 
 def build_wheelhouse(
@@ -159,18 +157,3 @@ def _pinned(lock: Path, name: str) -> str:
             hashes = " ".join(f"--hash=sha256:{digest}" for digest in sorted(pin.hashes))
             return f"{pin.name}=={pin.version} {hashes}\n"
     raise MirrorError(f"{lock}: pins no {name}")
-
-
-def _gateway_artifact(wheel: Path) -> Artifact:
-    name, version, _, _ = parse_wheel_filename(wheel.name)
-    return Artifact(
-        kind="wheel",
-        name=canonicalize_name(name),
-        version=str(version),
-        path=wheel.name,
-        sha256=sha256_file(wheel),
-        size=wheel.stat().st_size,
-        source=f"built from {GATEWAY_SOURCE.relative_to(REPOSITORY)}",
-        licence=wheel_licence(wheel),
-        purl=f"pkg:pypi/{canonicalize_name(name)}@{version}?file_name={wheel.name}",
-    )

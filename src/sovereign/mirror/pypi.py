@@ -408,16 +408,22 @@ def _built(pin: Pin, wheel: Path, out: Path, sdist: IndexFile) -> Artifact:
     """A wheel built from the sdist, copied in beside the fetched ones."""
     placed = out / wheel.name
     shutil.copyfile(wheel, placed)
+    return built_wheel(placed, f"built from {sdist.url} (sha256 {sdist.sha256})")
+
+
+def built_wheel(wheel: Path, source: str) -> Artifact:
+    """The record of a wheel made here rather than fetched: `source` says from what."""
+    name, version, _, _ = parse_wheel_filename(wheel.name)
     return Artifact(
         kind="wheel",
-        name=pin.name,
-        version=str(pin.version),
+        name=name,
+        version=str(version),
         path=wheel.name,
-        sha256=sha256_file(placed),
-        size=placed.stat().st_size,
-        source=f"built from {sdist.url} (sha256 {sdist.sha256})",
-        licence=wheel_licence(placed),
-        purl=f"pkg:pypi/{pin.name}@{pin.version}?file_name={wheel.name}",
+        sha256=sha256_file(wheel),
+        size=wheel.stat().st_size,
+        source=source,
+        licence=wheel_licence(wheel),
+        purl=f"pkg:pypi/{name}@{version}?file_name={wheel.name}",
     )
 
 

@@ -57,7 +57,7 @@ def create_app(config: GatewayConfig, config_path: Path) -> Starlette:
         *ModelEndpoints(parts, guard).routes(),
         *EmbeddingEndpoints(parts, guard).routes(),
         *MemoryEndpoints(parts, guard).routes(),
-        *HealthEndpoints(parts).routes(),
+        *HealthEndpoints(parts, guard).routes(),
     ]
     return Starlette(
         routes=routes,

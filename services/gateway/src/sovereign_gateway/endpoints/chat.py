@@ -18,11 +18,11 @@ import anyio
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from sovereign_gateway.components import Components
 from sovereign_gateway.contract import ModelRoute
+from sovereign_gateway.endpoints import Endpoints
 from sovereign_gateway.endpoints.memory import access, cited, narrowing
 from sovereign_gateway.errors import ApiError
-from sovereign_gateway.guard import Call, Guard
+from sovereign_gateway.guard import Call
 from sovereign_gateway.memory.service import Match
 from sovereign_gateway.policy import Decision
 from sovereign_gateway.runtime import sse
@@ -39,12 +39,7 @@ GROUNDING_PREAMBLE = (
 )
 
 
-class ChatEndpoints:
-    def __init__(self, parts: Components, guard: Guard) -> None:
-        self.parts = parts
-        self.guard = guard
-        self.config = parts.config
-
+class ChatEndpoints(Endpoints):
     def routes(self) -> list[Route]:
         return [
             self.guard.route(
@@ -80,7 +75,7 @@ class ChatEndpoints:
         elif citations is not None:
             answer = _with_citations(answer, citations)
         self._count(call, completion.usage)
-        if self.config.audit.capture_content:
+        if self.parts.config.audit.capture_content:
             call.content["response"] = answer.decode(errors="replace")
         return Response(answer, status_code=completion.status, media_type=completion.content_type)
 
@@ -93,7 +88,7 @@ class ChatEndpoints:
         decision: Decision,
     ) -> list[dict[str, Any]] | None:
         """Put the caller's readable chunks into the prompt; gives the citations, or None."""
-        settings = self.config.memory
+        settings = self.parts.config.memory
         if asked is None:
             asked = settings.rag_chat
         options = Retrieval(enabled=asked) if isinstance(asked, bool) else asked
@@ -178,7 +173,7 @@ class ChatEndpoints:
                 yield lead
             async for event in stream.events():
                 digest.update(event)
-                if self.config.audit.capture_content:
+                if self.parts.config.audit.capture_content:
                     captured.append(event)
                 if first_token and _has_content(event):
                     first_token = False

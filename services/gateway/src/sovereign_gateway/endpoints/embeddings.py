@@ -9,19 +9,15 @@ import base64
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from sovereign_gateway.components import Components
 from sovereign_gateway.contract import ModelRoute
+from sovereign_gateway.endpoints import Endpoints
 from sovereign_gateway.errors import ApiError
-from sovereign_gateway.guard import Call, Guard
+from sovereign_gateway.guard import Call
 from sovereign_gateway.policy import Decision
 from sovereign_gateway.schemas import EmbeddingsRequest, EmbedRequest
 
 
-class EmbeddingEndpoints:
-    def __init__(self, parts: Components, guard: Guard) -> None:
-        self.parts = parts
-        self.guard = guard
-
+class EmbeddingEndpoints(Endpoints):
     def routes(self) -> list[Route]:
         return [
             self.guard.route(

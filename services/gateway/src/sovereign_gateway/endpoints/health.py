@@ -11,15 +11,12 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from sovereign_gateway import __version__, tls
-from sovereign_gateway.components import Components
+from sovereign_gateway.endpoints import Endpoints
 from sovereign_gateway.metrics import CONTENT_TYPE
 from sovereign_gateway.schemas import openapi_document
 
 
-class HealthEndpoints:
-    def __init__(self, parts: Components) -> None:
-        self.parts = parts
-
+class HealthEndpoints(Endpoints):
     def routes(self) -> list[Route]:
         return [
             Route("/health", self.health, methods=["GET"]),

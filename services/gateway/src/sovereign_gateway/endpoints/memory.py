@@ -12,10 +12,10 @@ from typing import Any
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from sovereign_gateway.components import Components
 from sovereign_gateway.contract import ModelRoute, duration_seconds
+from sovereign_gateway.endpoints import Endpoints
 from sovereign_gateway.errors import ApiError
-from sovereign_gateway.guard import Call, Guard, denied
+from sovereign_gateway.guard import Call, denied
 from sovereign_gateway.memory.service import DocumentMeta, Match, visible
 from sovereign_gateway.memory.store import Access, Where
 from sovereign_gateway.policy import Decision
@@ -24,11 +24,7 @@ from sovereign_gateway.schemas import IngestRequest, QueryFilter, QueryRequest
 DOCUMENT_ID = re.compile(r"[0-9a-f]{64}")
 
 
-class MemoryEndpoints:
-    def __init__(self, parts: Components, guard: Guard) -> None:
-        self.parts = parts
-        self.guard = guard
-
+class MemoryEndpoints(Endpoints):
     def routes(self) -> list[Route]:
         return [
             self.guard.route("/ingest", "ingest", IngestRequest, self.ingest, "POST"),

@@ -5,17 +5,13 @@ from __future__ import annotations
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from sovereign_gateway.components import Components
 from sovereign_gateway.contract import ModelRoute
-from sovereign_gateway.guard import Call, Guard
+from sovereign_gateway.endpoints import Endpoints
+from sovereign_gateway.guard import Call
 from sovereign_gateway.policy import Decision
 
 
-class ModelEndpoints:
-    def __init__(self, parts: Components, guard: Guard) -> None:
-        self.parts = parts
-        self.guard = guard
-
+class ModelEndpoints(Endpoints):
     def routes(self) -> list[Route]:
         return [self.guard.route("/v1/models", "models:read", None, self.list, "GET")]
 
